@@ -1,0 +1,481 @@
+"""Generators of batches of blends: BTK's interface over the JAX renderer.
+
+``next(generator)`` returns the tutorial's dict:
+
+- ``blend_images``: [batch, band, y, x] (``channels_last=True``: [batch, y, x, band]);
+- ``isolated_images``: [batch, max_number, band, y, x] (or [batch, max_number, y, x, band]);
+- ``blend_list``: one astropy Table per blend, as the sampling function returned it, plus
+  ``x_peak``, ``y_peak`` (pixels, 0-based), ``btk_rotation`` (degrees) and ``{band}_flux``
+  (electrons) for every band of the survey;
+- ``psf``: per band, the PSF object (GalSim) of the batch; ``psf_images``: [band, y, x] those
+  PSFs drawn at the survey's pixel scale on the stamp;
+- ``wcs``: the astropy WCS of the stamps.
+
+With several surveys, each of these keys holds a dict keyed by survey name.
+
+With the built-in samplers, a batch stays on the device from sampling to images: one jitted
+function samples, gathers sources, renders and adds noise. Blend ``i`` (global index over all
+batches) has its own keys, derived from the seeds and ``i``, so it is the same whatever the
+batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from astropy.table import Table, vstack
+from tqdm.auto import tqdm
+
+from btkjax import DEFAULT_SEED
+from btkjax.catalog import Catalog, CatsimCatalog
+from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sources
+from btkjax.galsim_backend import render_galsim
+from btkjax.noise import NOISE_MODES, add_noise, check_noise_mode
+from btkjax.render import CATSIM_KINDS, make_render_spec, psf_kimage_from_galsim, render
+from btkjax.samplers import Blends, blends_from_tables
+from btkjax.sampling_functions import SamplingFunction
+from btkjax.survey import Survey, evaluate_psf, get_mean_sky_level, make_wcs
+
+__all__ = ["DrawBlendsGenerator", "CatsimGenerator", "BACKENDS"]
+
+BACKENDS = ("jax", "galsim")
+
+# Stream tags folded into the seed so that sampling, rotation and noise never share randomness.
+_NOISE_STREAM = 1
+_ROTATION_STREAM = 2
+
+
+def _survey_stream(name: str) -> int:
+    """A stable integer per survey name (Python's hash() is salted per process)."""
+    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % (2**31 - 1)
+
+
+class _SurveyState:
+    """Everything a generator precomputes once per survey."""
+
+    def __init__(self, survey, catalog_table, stamp_size, kinds, dtype, backend, mag_column):
+        self.survey = survey
+        self.name = survey.name
+        self.bands = list(survey.available_filters)
+        self.pixel_scale = float(survey.pixel_scale.to_value("arcsec"))
+        self.stamp_pixels = int(stamp_size / self.pixel_scale)
+        if self.stamp_pixels < 1:
+            raise ValueError(
+                f"stamp_size={stamp_size} arcsec is smaller than one {self.name} pixel "
+                f"({self.pixel_scale} arcsec)."
+            )
+        self.wcs = make_wcs(self.pixel_scale, (self.stamp_pixels, self.stamp_pixels))
+        self.fluxes_host = band_fluxes(catalog_table, survey, mag_column)
+        self.fluxes = jnp.asarray(self.fluxes_host, dtype)
+        self.sky = np.array([get_mean_sky_level(survey, survey.get_filter(b)) for b in self.bands])
+        self.static_psf = all(
+            hasattr(survey.get_filter(b).psf, "drawKImage") for b in self.bands
+        )
+        psfs = self.batch_psfs()
+        self.spec = make_render_spec(self.stamp_pixels, self.pixel_scale, psfs, kinds=kinds)
+        self.dtype = dtype
+        self._psf_k = None
+        self._psfs = psfs
+        self.stream = _survey_stream(self.name)
+
+    def batch_psfs(self):
+        return [evaluate_psf(self.survey, self.survey.get_filter(b)) for b in self.bands]
+
+    def psf_for_batch(self):
+        """PSF objects and their k-images; callables are evaluated once per batch."""
+        if self.static_psf and self._psf_k is not None:
+            return self._psfs, self._psf_k
+        psfs = self._psfs if self._psf_k is None else self.batch_psfs()
+        cdtype = jnp.complex128 if self.dtype == jnp.float64 else jnp.complex64
+        psf_k = jnp.asarray(
+            np.stack([psf_kimage_from_galsim(p, self.spec) for p in psfs]), cdtype
+        )
+        self._psfs, self._psf_k = psfs, psf_k
+        return psfs, psf_k
+
+
+class DrawBlendsGenerator:
+    """Generates batches of blends: sampling, rendering, noise; BTK's interface.
+
+    Args:
+        catalog: a btkjax `Catalog`.
+        sampling_function: a `SamplingFunction` (table in, table out); the built-in ones run on
+            the device.
+        surveys: a `Survey` or a list of them (multi-resolution: one output per survey).
+        batch_size: blends per batch.
+        stamp_size: stamp side in arcsec (shared by every survey).
+        cpus: processes for host-side work (the GalSim backend).
+        verbose: print what is done.
+        add_noise: "all", "background", "galaxy" or "none" (BTK's semantics, `btkjax.noise`).
+        seed: seed of the noise and of the augmentation rotations.
+        save_path: folder where each batch is written (HDF5), or None.
+        backend: "jax" (default) or "galsim" (the reference, on CPU).
+        isolated: also draw each galaxy alone (``isolated_images``).
+        apply_shear: shear galaxies by the blend tables' ``g1``, ``g2`` columns.
+        augment_data: rotate each galaxy by a random angle, stored in ``btk_rotation``.
+        channels_last: images as [.., y, x, band].
+        use_bar: show a progress bar (default: for batches of 1000 blends or more).
+        dtype: "float32" (default) or "float64" (needs ``jax_enable_x64``).
+        chunk: blends rendered per compiled call (memory bound; results do not depend on it).
+    """
+
+    compatible_catalogs = ("Catalog",)
+    component_kinds = CATSIM_KINDS
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        sampling_function: SamplingFunction,
+        surveys,
+        batch_size: int = 8,
+        stamp_size: float = 24.0,
+        cpus: int = 1,
+        verbose: bool = False,
+        add_noise: str = "all",
+        seed: int = DEFAULT_SEED,
+        save_path: str | os.PathLike | None = None,
+        backend: str = "jax",
+        isolated: bool = True,
+        apply_shear: bool = False,
+        augment_data: bool = False,
+        channels_last: bool = False,
+        use_bar: bool | None = None,
+        dtype: str = "float32",
+        chunk: int = 32,
+    ):
+        if not isinstance(catalog, Catalog) or type(catalog).__name__ not in self.compatible_catalogs:
+            raise TypeError(
+                f"{type(self).__name__} needs a catalog of type {self.compatible_catalogs}, got "
+                f"{type(catalog).__name__}."
+            )
+        if not callable(sampling_function):
+            raise TypeError(
+                f"sampling_function must be a SamplingFunction (callable table -> table), got "
+                f"{type(sampling_function).__name__}."
+            )
+        self.surveys = self._check_surveys(surveys)
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not stamp_size > 0:
+            raise ValueError(f"stamp_size must be positive (arcsec), got {stamp_size!r}.")
+        if not isinstance(cpus, (int, np.integer)) or cpus < 1:
+            raise ValueError(f"cpus must be a positive integer, got {cpus!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {seed!r}.")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
+        if dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "dtype='float64' needs jax_enable_x64: call "
+                "jax.config.update('jax_enable_x64', True) first."
+            )
+        sf_stamp = getattr(sampling_function, "stamp_size", stamp_size)
+        if sf_stamp is not None and not math.isclose(float(sf_stamp), float(stamp_size)):
+            raise ValueError(
+                f"The sampling function's stamp_size ({sf_stamp}) differs from the generator's "
+                f"({stamp_size}); give both the same value."
+            )
+        self.catalog = catalog
+        self.sampling_function = sampling_function
+        self.max_number = int(getattr(sampling_function, "max_number"))
+        self.batch_size = int(batch_size)
+        self.stamp_size = float(stamp_size)
+        self.cpus = int(cpus)
+        self.verbose = verbose
+        self.add_noise = check_noise_mode(add_noise)
+        self.seed = int(seed)
+        self.save_path = None if save_path is None else os.fspath(save_path)
+        if self.save_path is not None and not os.path.isdir(self.save_path):
+            raise FileNotFoundError(f"save_path {self.save_path!r} is not an existing folder.")
+        self.backend = backend
+        self.isolated = bool(isolated)
+        self.apply_shear = bool(apply_shear)
+        self.augment_data = bool(augment_data)
+        self.channels_last = bool(channels_last)
+        self.use_bar = use_bar
+        self.dtype = jnp.float64 if dtype == "float64" else jnp.float32
+        self.chunk = int(chunk)
+        self.batch_index = 0
+        self._pool = None
+
+        self._check_catalog_columns()
+        self.arrays = self._catalog_arrays()
+        self.arrays_device = CatalogArrays(*[jnp.asarray(a, self.dtype) for a in self.arrays])
+        self._jax_sampler = None
+        has_jax = getattr(sampling_function, "has_jax_sampler", False)
+        if backend == "jax" and has_jax and not self.apply_shear:
+            self._jax_sampler = sampling_function.jax_sampler(catalog.table)
+        self._states = {
+            s.name: _SurveyState(
+                s, catalog.table, self.stamp_size, self.component_kinds, self.dtype, backend,
+                self._mag_column(s),
+            )
+            for s in self.surveys
+        }
+        self._noise_key = jax.random.fold_in(jax.random.key(self.seed), _NOISE_STREAM)
+        self._rotation_key = jax.random.fold_in(jax.random.key(self.seed), _ROTATION_STREAM)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_surveys(surveys) -> list[Survey]:
+        if isinstance(surveys, Survey):
+            surveys = [surveys]
+        if not isinstance(surveys, (list, tuple)) or not surveys:
+            raise TypeError(f"surveys must be a Survey or a non-empty list of them, got {surveys!r}.")
+        for s in surveys:
+            if not isinstance(s, Survey):
+                raise TypeError(
+                    f"surveys must hold btkjax.survey.Survey objects (from get_surveys), got "
+                    f"{type(s).__name__}."
+                )
+        names = [s.name for s in surveys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Each survey may appear once; got {names}.")
+        return list(surveys)
+
+    def _mag_column(self, survey) -> str:
+        return "{band}_ab"
+
+    def _check_catalog_columns(self):
+        for s in self.surveys:
+            for band in s.available_filters:
+                col = self._mag_column(s).format(band=band, survey=s.name)
+                if col not in self.catalog.table.colnames:
+                    raise ValueError(
+                        f"Band {band!r} of survey {s.name} has no magnitude column {col!r} in "
+                        f"the catalog (its magnitude columns are "
+                        f"{[c for c in self.catalog.table.colnames if c.endswith('_ab')]})."
+                    )
+
+    def _catalog_arrays(self) -> CatalogArrays:
+        return catsim_arrays(self.catalog.table)
+
+    def __iter__(self):
+        return self
+
+    # -- one batch -----------------------------------------------------------------------------
+
+    def _sample_tables(self, blend_ids):
+        """Blends from the sampling function: on device if it has a JAX sampler."""
+        if self._jax_sampler is not None:
+            blends = self._jax_sampler.sample(None, jnp.asarray(blend_ids))
+            if self.augment_data:
+                blends = blends._replace(rotation=self._rotations(blend_ids, blends.mask))
+            return blends, None
+        tables = []
+        for i in range(len(blend_ids)):
+            table = self.sampling_function(self.catalog.table)
+            if len(table) > self.max_number:
+                raise ValueError(
+                    f"The sampling function returned {len(table)} galaxies for blend "
+                    f"{int(blend_ids[i])}, more than its max_number={self.max_number}."
+                )
+            missing = [c for c in ("ra", "dec") if c not in table.colnames]
+            if missing:
+                raise ValueError(
+                    f"The sampling function's table for blend {int(blend_ids[i])} lacks "
+                    f"column(s) {missing}; it must set ra, dec (arcsec from the stamp center)."
+                )
+            if "btk_index" not in table.colnames:
+                raise ValueError(
+                    "The sampling function's table lacks 'btk_index' (the catalog row of each "
+                    "galaxy); sampling functions must keep it from Catalog.table."
+                )
+            if self.apply_shear and not {"g1", "g2"} <= set(table.colnames):
+                raise ValueError(
+                    "apply_shear=True needs 'g1' and 'g2' columns in the sampling function's "
+                    f"tables; blend {int(blend_ids[i])} has {table.colnames}."
+                )
+            tables.append(table)
+        blends = blends_from_tables(tables, self.max_number, catalog_size=len(self.catalog.table))
+        if not self.apply_shear:
+            blends = blends._replace(g1=np.zeros_like(blends.g1), g2=np.zeros_like(blends.g2))
+        if self.augment_data:
+            blends = blends._replace(
+                rotation=np.asarray(self._rotations(blend_ids, jnp.asarray(blends.mask)))
+            )
+        return blends, tables
+
+    def _rotations(self, blend_ids, mask):
+        keys = jax.vmap(lambda i: jax.random.fold_in(self._rotation_key, i))(jnp.asarray(blend_ids))
+        rot = jax.vmap(lambda k: jax.random.uniform(k, (mask.shape[1],), minval=0, maxval=360))(keys)
+        return jnp.where(mask, rot, 0.0)
+
+    def _draw_survey(self, state: _SurveyState, blends: Blends, blend_ids):
+        psfs, psf_k = state.psf_for_batch()
+        noise_key = jax.random.fold_in(self._noise_key, state.stream)
+        if self.backend == "jax":
+            images, iso = _render_batch(
+                blends, blend_ids, self.arrays_device, state.fluxes, psf_k,
+                jnp.asarray(state.sky, self.dtype), noise_key, state.spec, self.add_noise,
+                self.isolated, self.chunk, self._bar(state.name),
+            )
+        else:
+            images, iso = self._render_galsim(state, blends, psfs)
+            images = np.asarray(
+                add_noise(noise_key, jnp.asarray(blend_ids), jnp.asarray(images, self.dtype),
+                          jnp.asarray(state.sky, self.dtype), self.add_noise)
+            )
+        return images, iso, psfs
+
+    def _bar(self, name):
+        show = self.use_bar if self.use_bar is not None else self.batch_size >= 1000
+        return tqdm(total=self.batch_size, desc=f"Generating blends for {name} survey",
+                    disable=not show)
+
+    def _render_galsim(self, state, blends, psfs):
+        sources = make_sources(jax.tree.map(jnp.asarray, blends), self.arrays_device, state.fluxes)
+        sources = jax.tree.map(np.asarray, sources)
+        if self.cpus == 1 or self.batch_size == 1:
+            return render_galsim(sources, psfs, state.spec, isolated=self.isolated)
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.cpus, mp_context=get_context("spawn"))
+        parts = np.array_split(np.arange(self.batch_size), self.cpus)
+        futures = [
+            self._pool.submit(
+                render_galsim, jax.tree.map(lambda a, p=p: a[p], sources), psfs, state.spec,
+                self.isolated,
+            )
+            for p in parts if len(p)
+        ]
+        results = [f.result() for f in futures]
+        images = np.concatenate([r[0] for r in results])
+        iso = np.concatenate([r[1] for r in results]) if self.isolated else None
+        return images, iso
+
+    def _blend_tables(self, blends: Blends, tables, state: _SurveyState):
+        """One astropy table per blend with x_peak, y_peak and per-band fluxes for a survey."""
+        index = np.asarray(blends.index)
+        mask = np.asarray(blends.mask)
+        counts = mask.sum(axis=1)
+        rows = index[mask]
+        if tables is None:
+            big = self.catalog.table[rows]
+            big["ra"] = np.asarray(blends.dx)[mask]
+            big["dec"] = np.asarray(blends.dy)[mask]
+            big["btk_index"] = rows
+        else:
+            big = vstack([t for t in tables if len(t)], metadata_conflicts="silent") if rows.size else Table()
+        big["btk_rotation"] = np.asarray(blends.rotation, dtype=float)[mask]
+        if rows.size:
+            x, y = state.wcs.world_to_pixel_values(
+                np.asarray(big["ra"], dtype=float) / 3600, np.asarray(big["dec"], dtype=float) / 3600
+            )
+            big["x_peak"], big["y_peak"] = x, y
+            fluxes = state.fluxes_host[rows]
+            for b, band in enumerate(state.bands):
+                big[f"{band}_flux"] = fluxes[:, b]
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        return [big[s:e] for s, e in zip(starts, ends)]
+
+    def __next__(self) -> dict:
+        blend_ids = np.arange(self.batch_size) + self.batch_index * self.batch_size
+        blends, tables = self._sample_tables(blend_ids)
+        out = {k: {} for k in ("blend_images", "isolated_images", "blend_list", "psf",
+                               "psf_images", "wcs")}
+        for state in self._states.values():
+            images, iso, psfs = self._draw_survey(state, blends, blend_ids)
+            images = np.asarray(images)
+            iso = None if iso is None else np.asarray(iso)
+            if self.channels_last:
+                images = np.moveaxis(images, 1, -1)
+                iso = None if iso is None else np.moveaxis(iso, 2, -1)
+            out["blend_images"][state.name] = images
+            out["isolated_images"][state.name] = iso
+            out["blend_list"][state.name] = self._blend_tables(blends, tables, state)
+            out["psf"][state.name] = psfs
+            out["psf_images"][state.name] = np.stack([
+                p.drawImage(nx=state.stamp_pixels, ny=state.stamp_pixels,
+                            scale=state.pixel_scale).array for p in psfs
+            ])
+            out["wcs"][state.name] = state.wcs
+        self.batch_index += 1
+        if len(self._states) == 1:
+            out = {k: next(iter(v.values())) for k, v in out.items()}
+        if self.save_path is not None:
+            from btkjax.utils import save_blend_batch
+
+            save_blend_batch(self.save_path, self.batch_index - 1, out, self.config())
+        return out
+
+    def config(self) -> dict:
+        """The generator's settings (saved beside every batch)."""
+        return {
+            "generator": type(self).__name__,
+            "catalog": type(self.catalog).__name__,
+            "sampling_function": type(self.sampling_function).__name__,
+            "surveys": [s.name for s in self.surveys],
+            "batch_size": self.batch_size,
+            "stamp_size": self.stamp_size,
+            "add_noise": self.add_noise,
+            "seed": self.seed,
+            "backend": self.backend,
+            "isolated": self.isolated,
+            "apply_shear": self.apply_shear,
+            "augment_data": self.augment_data,
+            "channels_last": self.channels_last,
+            "dtype": np.dtype(self.dtype).name,
+        }
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@partial(jax.jit, static_argnames=("spec", "mode", "isolated", "chunk"))
+def _pipeline(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode, isolated,
+              chunk):
+    sources = make_sources(blends, arrays, fluxes)
+    images, iso = render(sources, psf_k, spec, isolated=isolated, chunk=chunk)
+    images = add_noise(noise_key, blend_ids, images, sky, mode)
+    return images, iso
+
+
+def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
+                  isolated, chunk, bar):
+    """Runs the jitted pipeline over the batch in pieces of `chunk` blends (padded, so one
+    compilation serves every piece), updating the progress bar."""
+    n = len(blend_ids)
+    blends = jax.tree.map(jnp.asarray, blends)
+    blend_ids = jnp.asarray(blend_ids)
+    piece = n if n <= 4 * chunk else 4 * chunk
+    images, isos = [], []
+    with bar:
+        for start in range(0, n, piece):
+            stop = min(start + piece, n)
+            part = jax.tree.map(lambda a: a[start:stop], blends)
+            ids = blend_ids[start:stop]
+            pad = piece - (stop - start)
+            if pad:
+                part = jax.tree.map(lambda a: jnp.concatenate([a, a[:1].repeat(pad, 0)]), part)
+                ids = jnp.concatenate([ids, ids[:1].repeat(pad)])
+            img, iso = _pipeline(part, ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
+                                 isolated, chunk)
+            images.append(img[: stop - start])
+            if isolated:
+                isos.append(iso[: stop - start])
+            bar.update(stop - start)
+    images = jnp.concatenate(images) if len(images) > 1 else images[0]
+    iso = (jnp.concatenate(isos) if len(isos) > 1 else isos[0]) if isolated else None
+    return images, iso
+
+
+class CatsimGenerator(DrawBlendsGenerator):
+    """Draws CatSim-like galaxies (disk + bulge + AGN) as BTK does. See `DrawBlendsGenerator`."""
+
+    compatible_catalogs = ("CatsimCatalog",)
+
+
+_ = (CatsimCatalog, NOISE_MODES)

@@ -1,0 +1,552 @@
+"""The batched, jit-compiled, differentiable renderer.
+
+Galaxies are sums of elliptical components (exponential, de Vaucouleurs, general Sersic, point
+source), each transformed (component ellipticity, rotation, lensing shear), shifted, convolved
+with the band's PSF and the square pixel. Everything is evaluated in Fourier space:
+
+    image_k[band] = psf_pixel_k[band] * sum_galaxies sum_components flux * profile(A^T k) * phase
+
+folded onto the Nyquist grid (the aliasing that sampling at pixel centers implies, as GalSim's
+``drawFFT`` does), then one inverse real FFT per blend and band (per galaxy only for isolated
+images), then the stamp is cut out of the FFT box.
+
+Conventions are GalSim's: k in radians per arcsec; a component of half-light radius ``hlr`` and
+axis ratio ``q`` is ``Profile(half_light_radius=hlr).shear(q=q, beta=beta)`` (area preserving);
+then ``.rotate(rotation)``, ``.shear(g1=g1, g2=g2)``, convolution with the PSF, ``.shift(dx, dy)``
+in arcsec from the stamp's true center (between the two central pixels of an even stamp, on the
+central pixel of an odd one), drawn with ``drawImage(nx=S, ny=S, scale=pixel_scale)``.
+
+Shapes are static (`RenderSpec` is hashable and marked static); everything else is a traced leaf
+and differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btkjax import profiles
+from btkjax.tolerances import FOLDING_THRESHOLD, MAXK_THRESHOLD
+
+__all__ = [
+    "COMPONENT_KINDS",
+    "CATSIM_KINDS",
+    "RenderSpec",
+    "Sources",
+    "make_render_spec",
+    "source_reach",
+    "psf_extent",
+    "sersic_extent",
+    "kgrid",
+    "psf_kimage_from_galsim",
+    "default_psf_kimage",
+    "render",
+    "render_blends",
+    "good_fft_size",
+]
+
+COMPONENT_KINDS = ("exponential", "devaucouleurs", "sersic", "point", "gaussian")
+CATSIM_KINDS = ("exponential", "devaucouleurs", "point")
+"""CatSim galaxies: disk, bulge, AGN, in this order (flux columns follow it)."""
+
+
+class Sources(NamedTuple):
+    """Everything the renderer needs about the galaxies of a batch of blends.
+
+    Attributes:
+        flux: [blend, slot, band, comp] electrons per component (0 in empty slots).
+        hlr: [blend, slot, comp] half-light radius in arcsec (ignored for point components).
+        q: [blend, slot, comp] axis ratio b/a in (0, 1].
+        beta: [blend, slot, comp] component position angle in radians.
+        n: [blend, slot, comp] Sersic index (used by "sersic" components only).
+        dx: [blend, slot] arcsec from the stamp's true center along +x.
+        dy: [blend, slot] arcsec along +y.
+        rotation: [blend, slot] radians, rotation applied to the whole galaxy.
+        g1: [blend, slot] reduced shear applied after the rotation.
+        g2: [blend, slot]
+        mask: [blend, slot] True where a galaxy is present.
+    """
+
+    flux: jax.Array
+    hlr: jax.Array
+    q: jax.Array
+    beta: jax.Array
+    n: jax.Array
+    dx: jax.Array
+    dy: jax.Array
+    rotation: jax.Array
+    g1: jax.Array
+    g2: jax.Array
+    mask: jax.Array
+
+
+def good_fft_size(n: int) -> int:
+    """The smallest even integer >= n whose prime factors are 2, 3 and 5 (fast for XLA's FFT)."""
+    m = max(int(n), 2)
+    while True:
+        if m % 2 == 0:
+            r = m
+            for p in (2, 3, 5):
+                while r % p == 0:
+                    r //= p
+            if r == 1:
+                return m
+        m += 1
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """Static (shape-defining) description of a render: hashable, so jit caches on it.
+
+    Attributes:
+        stamp_pixels: S, the side of the output stamp in pixels.
+        fft_size: N >= S, the side of the real-space FFT box (even).
+        pixel_scale: arcsec per pixel.
+        kinds: component kinds, one per component axis of `Sources`.
+        n_alias_x: Mx >= 0, the largest |kx| index (in units of dk = 2 pi / (N p)) evaluated;
+            columns beyond N/2 are folded back (aliasing).
+        n_alias_y: the largest |ky| index evaluated (>= N/2).
+    """
+
+    stamp_pixels: int
+    fft_size: int
+    pixel_scale: float
+    kinds: tuple = CATSIM_KINDS
+    n_alias_x: int = 0
+    n_alias_y: int = 0
+
+    def __post_init__(self):
+        if self.fft_size < self.stamp_pixels or self.fft_size % 2:
+            raise ValueError(
+                f"fft_size must be even and >= stamp_pixels={self.stamp_pixels}, got "
+                f"{self.fft_size}."
+            )
+        unknown = [k for k in self.kinds if k not in COMPONENT_KINDS]
+        if unknown:
+            raise ValueError(f"Unknown component kinds {unknown}; expected {COMPONENT_KINDS}.")
+        half = self.fft_size // 2
+        if not half <= max(self.n_alias_y, half) < self.fft_size:
+            raise ValueError(f"n_alias_y={self.n_alias_y} must be < fft_size={self.fft_size}.")
+        if self.n_alias_x >= self.fft_size:
+            raise ValueError(f"n_alias_x={self.n_alias_x} must be < fft_size={self.fft_size}.")
+
+    @property
+    def dk(self) -> float:
+        """Wavenumber step in rad / arcsec."""
+        return 2 * math.pi / (self.fft_size * self.pixel_scale)
+
+    @property
+    def x_indices(self) -> np.ndarray:
+        """kx indices evaluated: the aliased negative columns first, then 0..N/2."""
+        half = self.fft_size // 2
+        base = np.arange(0, half + 1)
+        if self.n_alias_x > half:
+            return np.concatenate([np.arange(-self.n_alias_x, -half + 1), base])
+        return base
+
+    @property
+    def n_folded_x(self) -> int:
+        """Number of aliased columns evaluated before the base ones."""
+        half = self.fft_size // 2
+        return self.n_alias_x - half + 1 if self.n_alias_x > half else 0
+
+    @property
+    def y_extent(self) -> int:
+        return max(self.n_alias_y, self.fft_size // 2)
+
+    @property
+    def y_indices(self) -> np.ndarray:
+        """ky indices evaluated, ascending from -I to I."""
+        extent = self.y_extent
+        return np.arange(-extent, extent + 1)
+
+
+def kgrid(spec: RenderSpec, dtype=None):
+    """The (kx, ky) wavenumbers in rad/arcsec on which the renderer evaluates profiles.
+
+    Returns:
+        kx: [Cx] and ky: [Ry] 1-D arrays.
+    """
+    dtype = dtype or jnp.result_type(float)
+    kx = jnp.asarray(spec.x_indices * spec.dk, dtype=dtype)
+    ky = jnp.asarray(spec.y_indices * spec.dk, dtype=dtype)
+    return kx, ky
+
+
+def _fold(values: jax.Array, spec: RenderSpec) -> jax.Array:
+    """Folds k-values from the evaluation grid onto the rfft grid [.., N, N/2 + 1].
+
+    Sampling at pixel centers sums the transform over k + 2 pi m / p; the evaluation grid holds
+    every m that matters (where the PSF x pixel transfer is above MAXK_THRESHOLD). Rows: index i
+    goes to row i mod N; the evaluated rows [-E, E] are padded to [-N, N) and the two halves
+    added. Columns: the aliased columns j in [-Mx, -N/2] go to j + N in [N - Mx, N/2].
+    """
+    n = spec.fft_size
+    half = n // 2
+    extent = spec.y_extent
+    pad = [(0, 0)] * (values.ndim - 2) + [(n - extent, n - extent - 1), (0, 0)]
+    rows = jnp.pad(values, pad)  # rows i in [-N, N)
+    rows = rows.reshape(values.shape[:-2] + (2, n, values.shape[-1])).sum(axis=-3)
+    nf = spec.n_folded_x
+    if not nf:
+        return rows
+    base = rows[..., nf:]
+    alias = rows[..., :nf]  # j in [-Mx, -N/2] -> columns [N - Mx, N/2]
+    cpad = [(0, 0)] * (values.ndim - 1) + [(half + 1 - nf, 0)]
+    return base + jnp.pad(alias, cpad)
+
+
+def _to_stamp(kimage: jax.Array, spec: RenderSpec) -> jax.Array:
+    """Inverse FFT of folded k-images [.., N, N/2+1] and cut-out of the stamp [.., S, S].
+
+    The phases put stamp pixel 0 at FFT sample 0 (see `_galaxy_kvalues`), so the stamp is the
+    first S rows and columns. The k-values are samples of the continuous transform; the image
+    is their inverse DFT times dk^2 / (2 pi)^2 = 1 / (N p)^2 per unit area, times p^2 for the
+    pixel, i.e. / N^2: irfft2's normalization.
+    """
+    n, s = spec.fft_size, spec.stamp_pixels
+    image = jnp.fft.irfft2(kimage, s=(n, n), axes=(-2, -1))
+    return image[..., :s, :s]
+
+
+def _shear_matrix(g1, g2):
+    """GalSim's shear matrix for reduced shear (g1, g2): area preserving."""
+    norm = 1.0 / jnp.sqrt(1.0 - g1 * g1 - g2 * g2)
+    return norm[..., None, None] * jnp.stack(
+        [jnp.stack([1 + g1, g2], -1), jnp.stack([g2, 1 - g1], -1)], -2
+    )
+
+
+def _rotation_matrix(theta):
+    c, s = jnp.cos(theta), jnp.sin(theta)
+    return jnp.stack([jnp.stack([c, -s], -1), jnp.stack([s, c], -1)], -2)
+
+
+def _component_matrix(q, beta):
+    """Shear matrix of GalSim's ``.shear(q=q, beta=beta)``: |g| = (1 - q) / (1 + q)."""
+    g = (1 - q) / (1 + q)
+    return _shear_matrix(g * jnp.cos(2 * beta), g * jnp.sin(2 * beta))
+
+
+def _profile_kvalue(kind: str, ksq, hlr, n):
+    if kind == "exponential":
+        return profiles.exponential_kvalue(ksq, hlr)
+    if kind == "devaucouleurs":
+        return profiles.devaucouleurs_kvalue(ksq, hlr)
+    if kind == "sersic":
+        return profiles.sersic_kvalue(ksq, n, hlr)
+    if kind == "gaussian":
+        # hlr of a Gaussian: sigma * sqrt(2 ln 2)
+        return profiles.gaussian_kvalue(ksq, hlr / math.sqrt(2 * math.log(2)))
+    if kind == "point":
+        return jnp.ones_like(ksq)
+    raise ValueError(f"Unknown component kind {kind!r}")  # pragma: no cover
+
+
+def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
+    """Per-galaxy, per-band transforms of one blend on the evaluation grid.
+
+    Args:
+        sources: fields of ONE blend ([slot, ...]).
+
+    Returns:
+        complex array [slot, band, Ry, Cx].
+    """
+    dtype = kx.dtype
+    safe = sources.mask[:, None] & (sources.flux.sum(axis=1) != 0)  # [slot, comp]
+    # Sanitize parameters of absent components so that values and gradients stay finite.
+    hlr = jnp.where(safe, sources.hlr, 1.0)
+    q = jnp.where(safe, sources.q, 1.0)
+    n = jnp.where(safe, sources.n, 1.0)
+    g1 = jnp.where(sources.mask, sources.g1, 0.0)
+    g2 = jnp.where(sources.mask, sources.g2, 0.0)
+    whole = _shear_matrix(g1, g2) @ _rotation_matrix(sources.rotation)  # [slot, 2, 2]
+    a_mat = whole[:, None] @ _component_matrix(q, sources.beta)  # [slot, comp, 2, 2]
+    # |A^T k|^2 = k^T (A A^T) k
+    m = a_mat @ jnp.swapaxes(a_mat, -1, -2)
+    mxx, mxy, myy = m[..., 0, 0], m[..., 0, 1], m[..., 1, 1]
+    kx2 = (kx * kx)[None, :]
+    ky2 = (ky * ky)[:, None]
+    kxy = ky[:, None] * kx[None, :]
+    comps = []
+    for c, kind in enumerate(spec.kinds):
+        if kind == "point":
+            comps.append(jnp.ones((sources.flux.shape[0], ky.shape[0], kx.shape[0]), dtype))
+            continue
+        ksq = (
+            mxx[:, c, None, None] * kx2
+            + 2 * mxy[:, c, None, None] * kxy
+            + myy[:, c, None, None] * ky2
+        )
+        value = _profile_kvalue(kind, ksq, hlr[:, c, None, None], n[:, c, None, None])
+        comps.append(value.astype(dtype))
+    shape_k = jnp.stack(comps, axis=1)  # [slot, comp, Ry, Cx] real
+    flux = jnp.where(sources.mask[:, None, None], sources.flux, 0.0).astype(dtype)
+    per_band = jnp.einsum("sbc,scyx->sbyx", flux, shape_k)  # [slot, band, Ry, Cx]
+    # FFT sample 0 is stamp pixel 0, at -(S - 1) / 2 pixels from the stamp's true center.
+    origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
+    phase_x = jnp.exp(-1j * kx[None, :] * (sources.dx[:, None] - origin))  # [slot, Cx]
+    phase_y = jnp.exp(-1j * ky[None, :] * (sources.dy[:, None] - origin))  # [slot, Ry]
+    phase = phase_y[:, :, None] * phase_x[:, None, :]
+    return per_band * phase[:, None]
+
+
+def _render_one(sources: Sources, psf_k: jax.Array, spec: RenderSpec, isolated: bool):
+    """One blend: [band, S, S] and, if isolated, [slot, band, S, S]."""
+    kx, ky = kgrid(spec, dtype=sources.flux.dtype)
+    gal_k = _galaxy_kvalues(sources, spec, kx, ky)  # [slot, band, Ry, Cx]
+    blend_k = gal_k.sum(axis=0) * psf_k
+    blend = _to_stamp(_fold(blend_k, spec), spec)
+    if not isolated:
+        return blend, None
+    iso = _to_stamp(_fold(gal_k * psf_k[None], spec), spec)
+    iso = jnp.where(sources.mask[:, None, None, None], iso, 0.0)
+    return blend, iso
+
+
+@partial(jax.jit, static_argnames=("spec", "isolated", "chunk"))
+def render(
+    sources: Sources,
+    psf_k: jax.Array,
+    spec: RenderSpec,
+    isolated: bool = False,
+    chunk: int = 16,
+):
+    """Renders noiseless blends.
+
+    Args:
+        sources: `Sources` with a leading blend axis.
+        psf_k: [band, Ry, Cx] the PSF x pixel transfer function on the evaluation grid
+            (`psf_kimage_from_galsim` or `default_psf_kimage`), or [blend, band, Ry, Cx] for a
+            PSF per blend.
+        spec: the static `RenderSpec`.
+        isolated: also return each galaxy alone.
+        chunk: blends processed at once (bounds memory; does not change the result).
+
+    Returns:
+        (blend_images [blend, band, S, S], isolated_images [blend, slot, band, S, S] or None).
+    """
+    per_blend_psf = psf_k.ndim == 4
+
+    def one(args):
+        src, psf = args
+        return _render_one(src, psf, spec, isolated)
+
+    if per_blend_psf:
+        xs = (sources, psf_k)
+        return jax.lax.map(one, xs, batch_size=chunk)
+    return jax.lax.map(lambda src: _render_one(src, psf_k, spec, isolated), sources,
+                       batch_size=chunk)
+
+
+def render_blends(sources, psf_k, spec, isolated=False, chunk=16):
+    """Alias of `render` (BTK-style name)."""
+    return render(sources, psf_k, spec, isolated=isolated, chunk=chunk)
+
+
+# ------------------------------------------------------------------------------------------
+# PSF x pixel transfer functions on the evaluation grid
+
+
+def pixel_kimage(spec: RenderSpec, dtype=None):
+    """The square pixel's transfer function on the evaluation grid [Ry, Cx]."""
+    kx, ky = kgrid(spec, dtype)
+    return profiles.pixel_kvalue(kx[None, :], ky[:, None], spec.pixel_scale)
+
+
+def psf_kimage_from_galsim(psf, spec: RenderSpec, include_pixel: bool = True) -> np.ndarray:
+    """Evaluates a GalSim (or JAX-GalSim) PSF on the renderer's grid, on the host.
+
+    Returns:
+        complex128 numpy array [Ry, Cx] (PSF transform, times the pixel's if `include_pixel`).
+    """
+    xi, yi = spec.x_indices, spec.y_indices
+    m = int(max(np.abs(xi).max(), np.abs(yi).max()))
+    kimage = psf.drawKImage(nx=2 * m + 1, ny=2 * m + 1, scale=spec.dk)
+    arr = np.asarray(kimage.array)[np.ix_(yi + m, xi + m)]
+    if include_pixel:
+        kx, ky = xi * spec.dk, yi * spec.dk
+        p = spec.pixel_scale
+        arr = arr * np.sinc(ky * p / (2 * np.pi))[:, None] * np.sinc(kx * p / (2 * np.pi))[None, :]
+    return arr.astype(np.complex128)
+
+
+def default_psf_kimage(spec: RenderSpec, fwhm, lam_over_diam, obscuration, include_pixel=True):
+    """BTK's default PSF (Kolmogorov x obscured Airy) x pixel on the grid, in JAX.
+
+    Differentiable in ``fwhm``, ``lam_over_diam`` and ``obscuration`` (scalars or [band]).
+
+    Returns:
+        complex array [Ry, Cx], or [band, Ry, Cx] for [band] parameters.
+    """
+    fwhm = jnp.asarray(fwhm)
+    kx, ky = kgrid(spec, dtype=jnp.result_type(fwhm.dtype, float))
+    ksq = kx[None, :] ** 2 + ky[:, None] ** 2
+    expand = (...,) + (None,) * 2
+    lam = jnp.asarray(lam_over_diam)
+    out = profiles.kolmogorov_kvalue(ksq, fwhm[expand])
+    # lam_over_diam = 0 means no optics (no mirror); a tiny positive value keeps gradients finite.
+    safe_lam = jnp.where(lam > 0, lam, 1.0)
+    airy = profiles.airy_kvalue(ksq, safe_lam[expand], jnp.asarray(obscuration)[expand])
+    out = jnp.where((lam > 0)[expand], out * airy, out)
+    if include_pixel:
+        out = out * profiles.pixel_kvalue(kx[None, :], ky[:, None], spec.pixel_scale)
+    return out.astype(jnp.result_type(out.dtype, jnp.complex64))
+
+
+def _maxk_index(psf, pixel_scale: float, fft_size: int, threshold: float) -> int:
+    """The largest |k| index where |PSF x pixel| exceeds `threshold`, searched up to 2 pi / p."""
+    dk = 2 * math.pi / (fft_size * pixel_scale)
+    m = fft_size - 1
+    kimage = psf.drawKImage(nx=2 * m + 1, ny=2 * m + 1, scale=dk)
+    k = np.arange(-m, m + 1) * dk
+    sinc = np.sinc(k * pixel_scale / (2 * np.pi))
+    amp = np.abs(np.asarray(kimage.array)) * np.abs(sinc)[:, None] * np.abs(sinc)[None, :]
+    above = np.argwhere(amp > threshold * np.abs(kimage.array[m, m]))
+    if len(above) == 0:
+        return 0
+    return int(np.abs(above - m).max())
+
+
+def sersic_extent(hlr, n, core_radius: float, threshold: float = FOLDING_THRESHOLD) -> float:
+    """Radius (arcsec) beyond which a Sersic profile is below `threshold` of its core brightness.
+
+    The core brightness is the profile at ``core_radius`` (half the PSF FWHM: the PSF smooths the
+    cusp, so the convolved peak is about the profile there). Solves
+    ``exp(-b ((R / hlr)^(1/n) - (core / hlr)^(1/n))) = threshold``.
+
+    Args:
+        hlr: half-light radii (arcsec), any shape.
+        n: Sersic indices, broadcastable to `hlr`.
+        core_radius: arcsec.
+        threshold: the brightness ratio (FOLDING_THRESHOLD by default).
+    """
+    from scipy.special import gammaincinv
+
+    hlr = np.atleast_1d(np.asarray(hlr, dtype=float))
+    n = np.broadcast_to(np.asarray(n, dtype=float), hlr.shape)
+    if hlr.size == 0:
+        return 0.0
+    b = gammaincinv(2 * n, 0.5)
+    x = (core_radius / hlr) ** (1 / n) + math.log(1 / threshold) / b
+    return float(np.max(hlr * x**n))
+
+
+def make_render_spec(
+    stamp_pixels: int,
+    pixel_scale: float,
+    psfs,
+    kinds=CATSIM_KINDS,
+    fft_size: int | None = None,
+    reach_arcsec: float | None = None,
+    maxk_threshold: float = MAXK_THRESHOLD,
+) -> RenderSpec:
+    """Chooses the FFT size and aliasing range for a survey's PSFs and its galaxies' extent.
+
+    Args:
+        stamp_pixels: side of the stamp in pixels.
+        pixel_scale: arcsec per pixel.
+        psfs: the PSF objects (GalSim or JAX-GalSim) of every band, to find how far in k the
+            PSF x pixel transfer function stays above `maxk_threshold`.
+        kinds: component kinds of the sources.
+        fft_size: force the FFT box size (even, >= stamp_pixels).
+        reach_arcsec: how far from the stamp center galaxy light stays above FOLDING_THRESHOLD
+            of its peak (`source_reach` computes it from a catalog). In a periodic box of side
+            L the copy of a galaxy lands at least L - S p / 2 - |shift| from any stamp pixel, so
+            L >= reach + S p / 2 keeps folded light below the threshold. Default: the stamp's
+            side (a box 1.5 times the stamp).
+    """
+    if fft_size is None:
+        side = stamp_pixels * pixel_scale
+        reach = side if reach_arcsec is None else float(reach_arcsec)
+        box = max(side, reach + side / 2)
+        fft_size = good_fft_size(int(math.ceil(box / pixel_scale - 1e-9)))
+    half = fft_size // 2
+    m = max(_maxk_index(p, pixel_scale, fft_size, maxk_threshold) for p in psfs)
+    return RenderSpec(
+        stamp_pixels=int(stamp_pixels),
+        fft_size=int(fft_size),
+        pixel_scale=float(pixel_scale),
+        kinds=tuple(kinds),
+        n_alias_x=int(m) if m > half else 0,
+        n_alias_y=int(max(m, half)),
+    )
+
+
+def psf_extent(psf, pixel_scale: float, threshold: float = FOLDING_THRESHOLD) -> float:
+    """Radius (arcsec) beyond which a PSF's image stays below `threshold` of its peak.
+
+    The PSF is drawn (pixel included) on a grid of 2 x 48 FWHM-equivalents (its half-light
+    radius times 100), and the largest radius of a pixel above ``threshold * peak`` is returned.
+    """
+    hlr = float(psf.calculateHLR(scale=pixel_scale / 4, size=256))
+    half = int(math.ceil(50 * hlr / pixel_scale))
+    image = psf.drawImage(nx=2 * half + 1, ny=2 * half + 1, scale=pixel_scale).array
+    y, x = np.indices(image.shape) - half
+    above = np.abs(image) > threshold * image.max()
+    return float(np.hypot(x[above], y[above]).max() * pixel_scale) + pixel_scale
+
+
+def source_reach(
+    kinds,
+    hlr,
+    n,
+    max_shift: float,
+    psf_fwhm: float,
+    q=None,
+    max_shear: float = 0.0,
+    psfs=(),
+    pixel_scale: float | None = None,
+    threshold: float = FOLDING_THRESHOLD,
+) -> float:
+    """How far (arcsec) from the stamp center galaxy light stays above `threshold` of its peak.
+
+    The largest `sersic_extent` of any component of any row plus a PSF FWHM, or the PSFs' own
+    extent (`psf_extent`, where their wings fall below the threshold; 20 FWHMs when no PSF
+    object is given), whichever is larger, plus the largest shift.
+
+    Args:
+        kinds: the component kinds.
+        hlr: [row, comp] half-light radii of every catalog row that may be drawn.
+        n: [row, comp] Sersic indices (used for "sersic" components).
+        max_shift: largest |dx|, |dy| (arcsec).
+        psf_fwhm: the widest PSF FWHM (arcsec).
+        q: [row, comp] axis ratios: a sheared profile reaches hlr / sqrt(q) along its major axis.
+        max_shear: largest lensing |g|, stretching by (1 + |g|) / sqrt(1 - |g|^2).
+        psfs: PSF objects (GalSim) whose wings to measure, with `pixel_scale`.
+        pixel_scale: arcsec per pixel, for `psf_extent`.
+    """
+    hlr = np.asarray(hlr, dtype=float)
+    if q is not None:
+        hlr = hlr / np.sqrt(np.asarray(q, dtype=float))
+    hlr = hlr * (1 + max_shear) / math.sqrt(1 - max_shear**2)
+    n = np.asarray(n, dtype=float)
+    if len(psfs):
+        # Power-law wings (Kolmogorov r^-11/3, Airy r^-3) fold in from all eight neighbouring
+        # copies of the box, not one: their extent is taken at a tenth of the threshold.
+        wings = max(psf_extent(p, pixel_scale, threshold / 10) for p in psfs)
+    else:
+        wings = 20.0 * psf_fwhm
+    extent = 0.0
+    core = psf_fwhm / 2
+    index = {"exponential": 1.0, "devaucouleurs": 4.0}
+    for c, kind in enumerate(kinds):
+        if kind == "point":
+            continue
+        if kind == "gaussian":
+            sigma = hlr[:, c].max() / math.sqrt(2 * math.log(2))
+            extent = max(extent, sigma * math.sqrt(2 * math.log(1 / threshold)))
+            continue
+        nn = n[:, c] if kind == "sersic" else index[kind]
+        extent = max(extent, sersic_extent(hlr[:, c], nn, core, threshold))
+    extent = max(extent + psf_fwhm, wings)
+    return extent + max_shift
+
+
+_ = FOLDING_THRESHOLD  # documented in make_render_spec; the margin rule is tested for it
