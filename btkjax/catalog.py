@@ -192,3 +192,13 @@ class CatsimCatalog(Catalog):
 
 
 available_catalogs = {"catsim": CatsimCatalog}
+
+
+def __getattr__(name):
+    # CosmosCatalog lives in btkjax.cosmos, which imports this module: re-exported lazily.
+    if name == "CosmosCatalog":
+        from btkjax.cosmos import CosmosCatalog
+
+        available_catalogs.setdefault("cosmos", CosmosCatalog)
+        return CosmosCatalog
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,68 @@
 """The ``btkjax`` command line.
 
+``btkjax generate``: the main job from a config file (JSON, or YAML when PyYAML is installed)
+with flag overrides: generate N blends, optionally measure and score them, and save every batch
+under ``--out`` (HDF5, see `btkjax.utils`), with a progress bar and a summary at the end.
+
 ``btkjax demo``: the main job on the embedded default catalog: generate a batch of LSST blends
 on the JAX path, write a picture of the first ones, print a summary.
+
+Config keys of ``generate`` (all optional; flags override them): see `CONFIG_KEYS`. Example::
+
+    {"n_blends": 64, "batch_size": 32, "catalog": "default", "sampler": "default",
+     "sampler_kwargs": {"max_number": 3, "max_shift": 3.0}, "surveys": ["LSST"],
+     "noise": "all", "seed": 0, "backend": "jax", "stamp_size": 24.0, "out": "btkjax_output",
+     "measure": ["sep_singleband_measure"], "metrics": true}
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["main", "ConfigError", "CONFIG_KEYS", "SAMPLERS", "load_config", "validate_config"]
+
+# sampler name in configs -> class name in btkjax.sampling_functions
+SAMPLERS = {
+    "default": "DefaultSampling",
+    "default_shear": "DefaultSamplingShear",
+    "basic": "BasicSampling",
+    "pair": "PairSampling",
+    "density": "DensitySampling",
+    "random_square": "RandomSquareSampling",
+    "friends_of_friends": "FriendsOfFriendsSampling",
+}
+NOISE_MODES = ("all", "background", "galaxy", "none")
+BACKENDS = ("jax", "galsim")
+DTYPES = ("float32", "float64")
+
+# key -> (default, description)
+CONFIG_KEYS = {
+    "n_blends": (64, "number of blends to generate (a multiple of batch_size)"),
+    "batch_size": (64, "blends per batch (and per saved file)"),
+    "catalog": ("default", "'default' (the embedded catalog) or the path of a CatSim-like file"),
+    "sampler": ("default", f"sampling function: one of {sorted(SAMPLERS)}"),
+    "sampler_kwargs": ({}, "extra arguments of the sampling function (e.g. max_number)"),
+    "stamp_size": (24.0, "stamp side in arcsec"),
+    "surveys": (["LSST"], "survey name or list of names"),
+    "noise": ("all", f"noise mode: one of {list(NOISE_MODES)}"),
+    "seed": (0, "integer seed of sampling, noise and augmentation"),
+    "backend": ("jax", f"renderer: one of {list(BACKENDS)}"),
+    "dtype": ("float32", f"image dtype: one of {list(DTYPES)}"),
+    "out": ("btkjax_output", "output folder (created if missing)"),
+    "measure": ([], "names of measure functions of btkjax.measure to run"),
+    "metrics": (False, "score the measurements (needs measure)"),
+    "metrics_kwargs": ({}, "extra arguments of btkjax.metrics.MetricsGenerator"),
+    "cpus": (1, "processes for CPU work (GalSim backend, measurement)"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config file or flag: the message names the key and what is allowed."""
 
 
 def _rgb(images, bands=(3, 2, 1), q=8.0, stretch=None):
@@ -84,6 +135,270 @@ def _demo(args) -> int:
     return 0
 
 
+def load_config(path) -> dict:
+    """Reads a JSON or YAML (``.yaml``/``.yml``, needs PyYAML) config file into a dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist.")
+    with open(path) as f:
+        text = f.read()
+    if path.lower().endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"{path}: YAML configs need PyYAML (pip install pyyaml); or write it as JSON."
+            ) from None
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    else:
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(config).__name__}.")
+    return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sampler_class(name):
+    import btkjax.sampling_functions as sf
+
+    return getattr(sf, SAMPLERS[name])
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Checks every key and value of a config, before any work; returns it with defaults.
+
+    Raises:
+        ConfigError: naming the bad key or value and what is allowed.
+    """
+    unknown = [k for k in config if k not in CONFIG_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r}; allowed keys are {sorted(CONFIG_KEYS)}."
+        )
+    c = {k: v[0] for k, v in CONFIG_KEYS.items()}
+    c.update(config)
+
+    def bad(key, expected):
+        raise ConfigError(f"{source}: {key!r} must be {expected}, got {c[key]!r}.")
+
+    for key in ("n_blends", "batch_size", "cpus"):
+        if not _is_int(c[key]) or c[key] < 1:
+            bad(key, "a positive integer")
+    if not _is_int(c["seed"]) or c["seed"] < 0:
+        bad("seed", "a non-negative integer")
+    if isinstance(c["stamp_size"], bool) or not isinstance(c["stamp_size"], (int, float)) \
+            or not c["stamp_size"] > 0:
+        bad("stamp_size", "a positive number (arcsec)")
+    for key, allowed in (("noise", NOISE_MODES), ("backend", BACKENDS), ("dtype", DTYPES),
+                         ("sampler", tuple(SAMPLERS))):
+        if c[key] not in allowed:
+            bad(key, f"one of {list(allowed)}")
+    if not isinstance(c["metrics"], bool):
+        bad("metrics", "true or false")
+    if not isinstance(c["out"], str) or not c["out"]:
+        bad("out", "a folder path")
+    for key in ("sampler_kwargs", "metrics_kwargs"):
+        if not isinstance(c[key], dict):
+            bad(key, "a mapping of argument names to values")
+    if c["batch_size"] > c["n_blends"]:
+        c["batch_size"] = c["n_blends"]
+    if c["n_blends"] % c["batch_size"]:
+        raise ConfigError(
+            f"{source}: 'n_blends' ({c['n_blends']}) must be a multiple of 'batch_size' "
+            f"({c['batch_size']}): every batch has batch_size blends."
+        )
+    # catalog
+    if not isinstance(c["catalog"], str):
+        bad("catalog", "'default' or a file path")
+    if c["catalog"] != "default" and not os.path.isfile(c["catalog"]):
+        raise ConfigError(
+            f"{source}: 'catalog' must be 'default' or an existing file, got {c['catalog']!r} "
+            "(no such file)."
+        )
+    # surveys
+    surveys = [c["surveys"]] if isinstance(c["surveys"], str) else c["surveys"]
+    if not isinstance(surveys, list) or not surveys or not all(isinstance(s, str) for s in surveys):
+        bad("surveys", "a survey name or a non-empty list of names")
+    from btkjax.survey import available_surveys
+
+    known = available_surveys()
+    for s in surveys:
+        if s not in known:
+            raise ConfigError(f"{source}: 'surveys' has unknown survey {s!r}; allowed: {known}.")
+    if len(set(surveys)) != len(surveys):
+        bad("surveys", "a list of distinct names")
+    c["surveys"] = surveys
+    # sampler arguments
+    params = inspect.signature(_sampler_class(c["sampler"])).parameters
+    allowed = sorted(p for p in params if p not in ("stamp_size", "seed"))
+    for k in c["sampler_kwargs"]:
+        if k not in allowed:
+            raise ConfigError(
+                f"{source}: 'sampler_kwargs' has key {k!r}, which sampler {c['sampler']!r} "
+                f"({SAMPLERS[c['sampler']]}) does not take; allowed: {allowed}."
+            )
+    # measure functions
+    measure = [c["measure"]] if isinstance(c["measure"], str) else c["measure"]
+    if not isinstance(measure, list) or not all(isinstance(m, str) for m in measure):
+        bad("measure", "a name or a list of names of measure functions")
+    c["measure"] = measure
+    if measure:
+        try:
+            import btkjax.measure as meas
+        except ImportError as err:
+            raise ConfigError(f"{source}: 'measure' needs btkjax.measure ({err}).") from None
+        for m in measure:
+            if not callable(getattr(meas, m, None)) or m.startswith("_"):
+                names = sorted(n for n in dir(meas) if n.endswith("_measure")
+                               and callable(getattr(meas, n)))
+                raise ConfigError(
+                    f"{source}: 'measure' has unknown measure function {m!r}; allowed: {names}."
+                )
+    if c["metrics"] and not measure:
+        raise ConfigError(f"{source}: 'metrics' is true but 'measure' is empty: metrics score "
+                          "measurements; name at least one measure function.")
+    return c
+
+
+def _flag_overrides(args) -> dict:
+    overrides = {}
+    for key, attr in (("n_blends", "n_blends"), ("catalog", "catalog"), ("sampler", "sampler"),
+                      ("surveys", "surveys"), ("noise", "noise"), ("seed", "seed"),
+                      ("backend", "backend"), ("batch_size", "batch_size"), ("out", "out"),
+                      ("measure", "measure"), ("stamp_size", "stamp_size"), ("cpus", "cpus")):
+        value = getattr(args, attr)
+        if value is not None:
+            overrides[key] = value
+    if args.metrics:
+        overrides["metrics"] = True
+    return overrides
+
+
+def _generate(args) -> int:
+    t0 = time.perf_counter()
+    config = load_config(args.config) if args.config else {}
+    source = args.config or "command line"
+    config = validate_config({**config, **_flag_overrides(args)}, source)
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    import btkjax
+    from btkjax import utils
+    from btkjax.catalog import CatsimCatalog
+    from btkjax.draw_blends import CatsimGenerator
+    from btkjax.survey import get_surveys
+
+    c = config
+    os.makedirs(c["out"], exist_ok=True)
+    catalog = (CatsimCatalog.default() if c["catalog"] == "default"
+               else CatsimCatalog.from_file(c["catalog"]))
+    cls = _sampler_class(c["sampler"])
+    sampler = cls(stamp_size=c["stamp_size"], seed=c["seed"], **c["sampler_kwargs"])
+    surveys = get_surveys(c["surveys"])
+    draw = CatsimGenerator(
+        catalog, sampler, surveys, batch_size=c["batch_size"], stamp_size=c["stamp_size"],
+        cpus=c["cpus"], add_noise=c["noise"], seed=c["seed"], save_path=c["out"],
+        backend=c["backend"], dtype=c["dtype"], use_bar=False,
+    )
+    generator = draw
+    if c["measure"]:
+        import btkjax.measure as meas
+
+        functions = [getattr(meas, m) for m in c["measure"]]
+        generator = meas.MeasureGenerator(functions if len(functions) > 1 else functions[0],
+                                          draw, save_path=c["out"])
+        if c["metrics"]:
+            import btkjax.metrics as metrics
+
+            generator = metrics.MetricsGenerator(generator, save_path=c["out"],
+                                                 **c["metrics_kwargs"])
+    n_batches = c["n_blends"] // c["batch_size"]
+    run = {"config": c, "versions": utils.package_versions(), "n_batches": n_batches}
+    _write_json_atomic(os.path.join(c["out"], "run.json"), run)
+    t1 = time.perf_counter()
+    n_galaxies = []
+    detection = {}
+    for _ in tqdm(range(n_batches), desc="btkjax generate", unit="batch",
+                  disable=args.no_progress):
+        out = next(generator)
+        blends = out[0] if isinstance(out, tuple) else out
+        tables = blends["blend_list"]
+        tables = next(iter(tables.values())) if isinstance(tables, dict) else tables
+        n_galaxies.extend(len(t) for t in tables)
+        if isinstance(out, tuple) and len(out) == 3:
+            for name, scores in (out[2].get("detection") or {}).items():
+                for key in ("precision", "recall", "f1"):
+                    if isinstance(scores, dict) and key in scores:
+                        detection.setdefault(name, {}).setdefault(key, []).append(
+                            float(scores[key]))
+    t2 = time.perf_counter()
+    n_gal = np.array(n_galaxies)
+    files = sorted(f for f in os.listdir(c["out"]) if f.endswith(".h5"))
+    print(f"btkjax {btkjax.__version__} generate: {c['n_blends']} blends in {n_batches} "
+          f"batch(es) of {c['batch_size']}, surveys {c['surveys']}, catalog {c['catalog']!r}, "
+          f"sampler {c['sampler']!r}, noise {c['noise']!r}, backend {c['backend']!r}, "
+          f"seed {c['seed']}")
+    print(f"  galaxies per blend: mean {n_gal.mean():.2f}, min {n_gal.min()}, max {n_gal.max()}")
+    if c["measure"]:
+        print(f"  measured with {c['measure']}" + (" and scored" if c["metrics"] else ""))
+    for name, scores in detection.items():
+        text = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in scores.items())
+        print(f"  detection ({name}): {text}")
+    print(f"  set-up {t1 - t0:.2f} s; {n_batches} batch(es) {t2 - t1:.2f} s "
+          f"({c['n_blends'] / max(t2 - t1, 1e-9):.1f} blends/s)")
+    print(f"  saved {len(files)} HDF5 file(s) and run.json in {c['out']}; load them with "
+          f"btkjax.utils.load_all_results({c['out']!r}, {c['surveys']}, {c['measure']}, "
+          f"n_batch={c['batch_size']}, batch_index=i)")
+    return 0
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=repr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _add_generate_parser(sub):
+    gen = sub.add_parser(
+        "generate", help="generate blends from a config file, optionally measure and score, save",
+        description="Generate N blends from a config file (JSON, or YAML with PyYAML) with flag "
+                    "overrides; optionally measure and score them; save every batch as HDF5 "
+                    "under --out. Config keys: " + "; ".join(
+                        f"{k} ({v[1]}, default {v[0]!r})" for k, v in CONFIG_KEYS.items()),
+    )
+    gen.add_argument("--config", help="JSON or YAML config file (keys: see above)")
+    gen.add_argument("--n-blends", type=int, help="number of blends")
+    gen.add_argument("--catalog", help="'default' (embedded catalog) or a catalog file path")
+    gen.add_argument("--sampler", help=f"one of {sorted(SAMPLERS)}")
+    gen.add_argument("--surveys", nargs="+", help="survey names, e.g. LSST HSC")
+    gen.add_argument("--noise", help=f"one of {list(NOISE_MODES)}")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--backend", help=f"one of {list(BACKENDS)}")
+    gen.add_argument("--batch-size", type=int)
+    gen.add_argument("--stamp-size", type=float, help="arcsec")
+    gen.add_argument("--cpus", type=int)
+    gen.add_argument("--out", help="output folder")
+    gen.add_argument("--measure", nargs="+", help="measure functions of btkjax.measure")
+    gen.add_argument("--metrics", action="store_true", help="score the measurements")
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return gen
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="btkjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,10 +411,15 @@ def main(argv=None) -> int:
     demo.add_argument("--survey", default="LSST")
     demo.add_argument("--noise", default="all", choices=("all", "background", "galaxy", "none"))
     demo.add_argument("--seed", type=int, default=0)
+    _add_generate_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
-    return 2  # pragma: no cover
+    try:
+        return _generate(args)
+    except ConfigError as err:
+        print(f"btkjax generate: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
@@ -38,7 +39,17 @@ from btkjax.catalog import Catalog, CatsimCatalog
 from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sources
 from btkjax.galsim_backend import render_galsim
 from btkjax.noise import NOISE_MODES, add_noise, check_noise_mode
-from btkjax.render import CATSIM_KINDS, make_render_spec, psf_kimage_from_galsim, render
+from btkjax.render import (
+    CATSIM_KINDS,
+    RenderSpec,
+    box_size,
+    good_fft_size,
+    make_render_spec,
+    psf_kimage_from_galsim,
+    psf_wings,
+    render,
+    row_extents,
+)
 from btkjax.samplers import Blends, blends_from_tables
 from btkjax.sampling_functions import SamplingFunction
 from btkjax.survey import Survey, evaluate_psf, get_mean_sky_level, make_wcs
@@ -58,12 +69,23 @@ def _survey_stream(name: str) -> int:
 
 
 class _SurveyState:
-    """Everything a generator precomputes once per survey."""
+    """Everything a generator precomputes once per survey.
 
-    def __init__(self, survey, catalog_table, stamp_size, kinds, dtype, backend, mag_column):
+    FFT boxes: each blend is drawn in the smallest box of a ladder of fast sizes (N_0, ~1.5 N_0,
+    ...) that keeps its galaxies' light (`btkjax.render.row_extents`) and the PSF's wings
+    (`psf_wings`) from folding back into the stamp above FOLDING_THRESHOLD. N_0 fits the PSF
+    wings and the typical galaxy; the rare giant galaxies get larger boxes. Each size compiles
+    once; a blend's image depends only on its own galaxies.
+    """
+
+    MAX_BOX_FACTOR = 8  # largest box, in stamp sides
+
+    def __init__(self, survey, catalog_table, arrays, stamp_size, kinds, dtype, mag_column,
+                 max_shift):
         self.survey = survey
         self.name = survey.name
         self.bands = list(survey.available_filters)
+        self.kinds = tuple(kinds)
         self.pixel_scale = float(survey.pixel_scale.to_value("arcsec"))
         self.stamp_pixels = int(stamp_size / self.pixel_scale)
         if self.stamp_pixels < 1:
@@ -78,27 +100,79 @@ class _SurveyState:
         self.static_psf = all(
             hasattr(survey.get_filter(b).psf, "drawKImage") for b in self.bands
         )
-        psfs = self.batch_psfs()
-        self.spec = make_render_spec(self.stamp_pixels, self.pixel_scale, psfs, kinds=kinds)
         self.dtype = dtype
-        self._psf_k = None
-        self._psfs = psfs
         self.stream = _survey_stream(self.name)
+        self._psfs = self.batch_psfs()
+        self._psfs_fresh = True
+        fwhm = max(float(survey.get_filter(b).psf_fwhm.to_value("arcsec")) for b in self.bands)
+        # Callable (random) PSFs may be wider than the first draw: allow 20% more.
+        slack = 1.0 if self.static_psf else 1.2
+        self.wings = slack * psf_wings(self._psfs, self.pixel_scale)
+        self.row_extent = row_extents(kinds, arrays.hlr, arrays.q, arrays.n, arrays.frac > 0,
+                                      slack * fwhm)
+        side = self.stamp_pixels * self.pixel_scale
+        base = box_size(self.wings + max_shift, self.stamp_pixels, self.pixel_scale)
+        self.ladder = [base]
+        largest = good_fft_size(self.MAX_BOX_FACTOR * self.stamp_pixels)
+        while self.ladder[-1] < largest:
+            self.ladder.append(min(good_fft_size(int(self.ladder[-1] * 1.25)), largest))
+        self._specs = {}
+        self._psf_k = {}
+        self._warned = False
+        _ = side
 
     def batch_psfs(self):
         return [evaluate_psf(self.survey, self.survey.get_filter(b)) for b in self.bands]
 
-    def psf_for_batch(self):
-        """PSF objects and their k-images; callables are evaluated once per batch."""
-        if self.static_psf and self._psf_k is not None:
-            return self._psfs, self._psf_k
-        psfs = self._psfs if self._psf_k is None else self.batch_psfs()
-        cdtype = jnp.complex128 if self.dtype == jnp.float64 else jnp.complex64
-        psf_k = jnp.asarray(
-            np.stack([psf_kimage_from_galsim(p, self.spec) for p in psfs]), cdtype
-        )
-        self._psfs, self._psf_k = psfs, psf_k
-        return psfs, psf_k
+    def spec(self, fft_size: int) -> RenderSpec:
+        if fft_size not in self._specs:
+            self._specs[fft_size] = make_render_spec(
+                self.stamp_pixels, self.pixel_scale, self._psfs, kinds=self.kinds,
+                fft_size=fft_size,
+            )
+        return self._specs[fft_size]
+
+    def new_batch(self):
+        """Evaluates PSF callables once per batch (static PSFs are kept)."""
+        if not self.static_psf and not self._psfs_fresh:
+            self._psfs = self.batch_psfs()
+            self._psf_k = {}
+        self._psfs_fresh = False
+        return self._psfs
+
+    def psf_k(self, fft_size: int):
+        if fft_size not in self._psf_k:
+            spec = self.spec(fft_size)
+            cdtype = jnp.complex128 if self.dtype == jnp.float64 else jnp.complex64
+            self._psf_k[fft_size] = jnp.asarray(
+                np.stack([psf_kimage_from_galsim(p, spec) for p in self._psfs]), cdtype
+            )
+        return self._psf_k[fft_size]
+
+    def box_sizes(self, blends) -> np.ndarray:
+        """The FFT size of each blend of a batch (host)."""
+        index = np.asarray(blends.index)
+        mask = np.asarray(blends.mask)
+        shift = np.maximum(np.abs(np.asarray(blends.dx)), np.abs(np.asarray(blends.dy)))
+        g = np.hypot(np.asarray(blends.g1), np.asarray(blends.g2))
+        stretch = (1 + g) / np.sqrt(np.clip(1 - g * g, 1e-12, None))
+        reach = np.where(mask, self.row_extent[index] * stretch, 0.0)
+        reach = np.maximum(reach, self.wings) + np.where(mask, shift, 0.0)
+        reach = reach.max(axis=1)
+        need = np.array([box_size(r, self.stamp_pixels, self.pixel_scale) for r in reach])
+        ladder = np.asarray(self.ladder)
+        pos = np.searchsorted(ladder, need)
+        if np.any(pos >= len(ladder)) and not self._warned:
+            worst = int(need.max())
+            warnings.warn(
+                f"{self.name}: a blend's galaxies need an FFT box of {worst} pixels to keep "
+                f"folded light below FOLDING_THRESHOLD; they are drawn in the largest box, "
+                f"{ladder[-1]} pixels ({self.MAX_BOX_FACTOR} stamp sides), where light beyond "
+                f"it folds back into the stamp.",
+                stacklevel=3,
+            )
+            self._warned = True
+        return ladder[np.minimum(pos, len(ladder) - 1)]
 
 
 class DrawBlendsGenerator:
@@ -148,7 +222,7 @@ class DrawBlendsGenerator:
         channels_last: bool = False,
         use_bar: bool | None = None,
         dtype: str = "float32",
-        chunk: int = 32,
+        chunk: int = 8,
     ):
         if not isinstance(catalog, Catalog) or type(catalog).__name__ not in self.compatible_catalogs:
             raise TypeError(
@@ -211,13 +285,21 @@ class DrawBlendsGenerator:
         self.arrays = self._catalog_arrays()
         self.arrays_device = CatalogArrays(*[jnp.asarray(a, self.dtype) for a in self.arrays])
         self._jax_sampler = None
-        has_jax = getattr(sampling_function, "has_jax_sampler", False)
-        if backend == "jax" and has_jax and not self.apply_shear:
+        # Built-in samplers sample on the device, for either backend (so that both backends
+        # draw the same blends from the same seed).
+        self._has_shear_columns = hasattr(sampling_function, "shear")
+        if getattr(sampling_function, "has_jax_sampler", False):
+            if self.apply_shear and not self._has_shear_columns:
+                raise ValueError(
+                    f"apply_shear=True needs a sampling function that sets 'g1' and 'g2' "
+                    f"columns; {type(sampling_function).__name__} does not (use "
+                    "DefaultSamplingShear or a custom one)."
+                )
             self._jax_sampler = sampling_function.jax_sampler(catalog.table)
         self._states = {
             s.name: _SurveyState(
-                s, catalog.table, self.stamp_size, self.component_kinds, self.dtype, backend,
-                self._mag_column(s),
+                s, catalog.table, self.arrays, self.stamp_size, self.component_kinds, self.dtype,
+                self._mag_column(s), self._max_shift(),
             )
             for s in self.surveys
         }
@@ -242,6 +324,11 @@ class DrawBlendsGenerator:
         if len(set(names)) != len(names):
             raise ValueError(f"Each survey may appear once; got {names}.")
         return list(surveys)
+
+    def _max_shift(self) -> float:
+        """Largest |dx|, |dy| the sampling function may produce (arcsec)."""
+        shift = getattr(self.sampling_function, "max_shift", None)
+        return float(shift) if shift is not None else self.stamp_size / 2
 
     def _mag_column(self, survey) -> str:
         return "{band}_ab"
@@ -269,6 +356,8 @@ class DrawBlendsGenerator:
         """Blends from the sampling function: on device if it has a JAX sampler."""
         if self._jax_sampler is not None:
             blends = self._jax_sampler.sample(None, jnp.asarray(blend_ids))
+            if not self.apply_shear:
+                blends = blends._replace(g1=jnp.zeros_like(blends.g1), g2=jnp.zeros_like(blends.g2))
             if self.augment_data:
                 blends = blends._replace(rotation=self._rotations(blend_ids, blends.mask))
             return blends, None
@@ -312,20 +401,33 @@ class DrawBlendsGenerator:
         return jnp.where(mask, rot, 0.0)
 
     def _draw_survey(self, state: _SurveyState, blends: Blends, blend_ids):
-        psfs, psf_k = state.psf_for_batch()
+        psfs = state.new_batch()
         noise_key = jax.random.fold_in(self._noise_key, state.stream)
-        if self.backend == "jax":
-            images, iso = _render_batch(
-                blends, blend_ids, self.arrays_device, state.fluxes, psf_k,
-                jnp.asarray(state.sky, self.dtype), noise_key, state.spec, self.add_noise,
-                self.isolated, self.chunk, self._bar(state.name),
-            )
-        else:
+        sky = jnp.asarray(state.sky, self.dtype)
+        if self.backend == "galsim":
             images, iso = self._render_galsim(state, blends, psfs)
-            images = np.asarray(
-                add_noise(noise_key, jnp.asarray(blend_ids), jnp.asarray(images, self.dtype),
-                          jnp.asarray(state.sky, self.dtype), self.add_noise)
-            )
+            images = np.asarray(add_noise(noise_key, jnp.asarray(blend_ids),
+                                          jnp.asarray(images, self.dtype), sky, self.add_noise))
+            return images, iso, psfs
+        sizes = state.box_sizes(blends)
+        s = state.stamp_pixels
+        n_band = len(state.bands)
+        np_dtype = np.dtype(self.dtype)
+        images = np.empty((len(blend_ids), n_band, s, s), np_dtype)
+        iso = (np.empty((len(blend_ids), self.max_number, n_band, s, s), np_dtype)
+               if self.isolated else None)
+        with self._bar(state.name) as bar:
+            for size in np.unique(sizes):
+                rows = np.flatnonzero(sizes == size)
+                img, iso_part = _render_batch(
+                    jax.tree.map(lambda a, r=rows: np.asarray(a)[r], blends),
+                    np.asarray(blend_ids)[rows], self.arrays_device, state.fluxes,
+                    state.psf_k(int(size)), sky, noise_key, state.spec(int(size)),
+                    self.add_noise, self.isolated, self.chunk, bar,
+                )
+                images[rows] = np.asarray(img)
+                if self.isolated:
+                    iso[rows] = np.asarray(iso_part)
         return images, iso, psfs
 
     def _bar(self, name):
@@ -333,17 +435,19 @@ class DrawBlendsGenerator:
         return tqdm(total=self.batch_size, desc=f"Generating blends for {name} survey",
                     disable=not show)
 
+
     def _render_galsim(self, state, blends, psfs):
         sources = make_sources(jax.tree.map(jnp.asarray, blends), self.arrays_device, state.fluxes)
         sources = jax.tree.map(np.asarray, sources)
         if self.cpus == 1 or self.batch_size == 1:
-            return render_galsim(sources, psfs, state.spec, isolated=self.isolated)
+            return render_galsim(sources, psfs, state.spec(state.ladder[0]), isolated=self.isolated)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.cpus, mp_context=get_context("spawn"))
         parts = np.array_split(np.arange(self.batch_size), self.cpus)
         futures = [
             self._pool.submit(
-                render_galsim, jax.tree.map(lambda a, p=p: a[p], sources), psfs, state.spec,
+                render_galsim, jax.tree.map(lambda a, p=p: a[p], sources), psfs,
+                state.spec(state.ladder[0]),
                 self.isolated,
             )
             for p in parts if len(p)
@@ -364,6 +468,9 @@ class DrawBlendsGenerator:
             big["ra"] = np.asarray(blends.dx)[mask]
             big["dec"] = np.asarray(blends.dy)[mask]
             big["btk_index"] = rows
+            if self._has_shear_columns:
+                big["g1"] = np.asarray(self._jax_sampler.shear[0] + 0 * big["ra"])
+                big["g2"] = np.asarray(self._jax_sampler.shear[1] + 0 * big["ra"])
         else:
             big = vstack([t for t in tables if len(t)], metadata_conflicts="silent") if rows.size else Table()
         big["btk_rotation"] = np.asarray(blends.rotation, dtype=float)[mask]
@@ -445,28 +552,22 @@ def _pipeline(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mo
 
 def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
                   isolated, chunk, bar):
-    """Runs the jitted pipeline over the batch in pieces of `chunk` blends (padded, so one
-    compilation serves every piece), updating the progress bar."""
+    """Runs the jitted pipeline over blends in pieces of `chunk` (the last one padded, so that
+    one compilation per FFT size serves every batch), updating the progress bar."""
     n = len(blend_ids)
-    blends = jax.tree.map(jnp.asarray, blends)
-    blend_ids = jnp.asarray(blend_ids)
-    piece = n if n <= 4 * chunk else 4 * chunk
+    blends = jax.tree.map(np.asarray, blends)
+    blend_ids = np.asarray(blend_ids)
     images, isos = [], []
-    with bar:
-        for start in range(0, n, piece):
-            stop = min(start + piece, n)
-            part = jax.tree.map(lambda a: a[start:stop], blends)
-            ids = blend_ids[start:stop]
-            pad = piece - (stop - start)
-            if pad:
-                part = jax.tree.map(lambda a: jnp.concatenate([a, a[:1].repeat(pad, 0)]), part)
-                ids = jnp.concatenate([ids, ids[:1].repeat(pad)])
-            img, iso = _pipeline(part, ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
-                                 isolated, chunk)
-            images.append(img[: stop - start])
-            if isolated:
-                isos.append(iso[: stop - start])
-            bar.update(stop - start)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        take = np.arange(start, start + chunk).clip(max=stop - 1)  # pad with the last blend
+        part = jax.tree.map(lambda a: jnp.asarray(a[take]), blends)
+        img, iso = _pipeline(part, jnp.asarray(blend_ids[take]), arrays, fluxes, psf_k, sky,
+                             noise_key, spec, mode, isolated, chunk)
+        images.append(img[: stop - start])
+        if isolated:
+            isos.append(iso[: stop - start])
+        bar.update(stop - start)
     images = jnp.concatenate(images) if len(images) > 1 else images[0]
     iso = (jnp.concatenate(isos) if len(isos) > 1 else isos[0]) if isolated else None
     return images, iso
@@ -479,3 +580,12 @@ class CatsimGenerator(DrawBlendsGenerator):
 
 
 _ = (CatsimCatalog, NOISE_MODES)
+
+
+def __getattr__(name):
+    # CosmosGenerator lives in btkjax.cosmos, which imports this module: re-exported lazily.
+    if name == "CosmosGenerator":
+        from btkjax.cosmos import CosmosGenerator
+
+        return CosmosGenerator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

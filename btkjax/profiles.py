@@ -339,18 +339,19 @@ def _mellin_barnes_sersic(n, kappa, dt=0.05, delta=0.3):
     t = np.arange(0.0, 72.0 / (np.pi * n) + 5.0, dt)
     wt = np.full(t.shape, dt)
     wt[0] = 0.5 * dt
-    s = cgrid[:, None] + 1j * t[None, :]
+    used = np.unique(ic)  # only the contours some kappa uses
+    s = cgrid[used][:, None] + 1j * t[None, :]
     lg = (
         loggamma(n * (2 - s))
         - sgammaln(2 * n)
         + (s - 1) * np.log(2)
         + loggamma(s / 2)
         - loggamma(1 - s / 2)
-    )  # (nc, nt)
+    )  # (n_used, nt)
     out = np.empty(lk.shape)
-    for j in np.unique(ic):
+    for r, j in enumerate(used):
         sel = ic == j
-        vals = np.exp(lg[j][None, :] - s[j][None, :] * lk[sel][:, None]).real
+        vals = np.exp(lg[r][None, :] - s[r][None, :] * lk[sel][:, None]).real
         out[sel] = vals @ wt / np.pi + (cgrid[j] < 0)
     return out
 
@@ -405,78 +406,140 @@ def _devaucouleurs_table():
     return dict(x0=x[0], hx=x[1] - x[0], nx=_DEV_NW, coef=_ppoly1d(x, vals), big_l=big_l)
 
 
-@functools.cache
-def _device_tables(dtype_name):
-    """The host tables as JAX arrays of the given dtype (created once per dtype)."""
-    dt = jnp.dtype(dtype_name)
-    ser = _sersic_tables()
-    dev = _devaucouleurs_table()
+# Fast evaluation. Everything that depends only on n (the spline row along ln k, L(n), the series
+# coefficients) is computed at the parameters' own shape; per k point there is one log, one
+# 4-coefficient table lookup (the only gather), one exp and one division for the high-k series,
+# and a few polynomial steps (measured with benchmarks/bench_profiles.py).
+#   Table:      F = c0 d^3 + c1 d^2 + c2 d + c3, u = (ln(k hlr) - x_lo) (nw - 1) / (x_hi - x_lo),
+#               i = floor(u), d = u - i (the host coefficients are rescaled to d in [0, 1]).
+#   Taylor:     F = 1 + T1 kk + T2 kk^2 + T3 kk^3, kk = (k hlr)^2.
+#   Asymptotic: F = (kk_hi / kk) sum_j B_j z^j, z = (kk_hi / kk)^(1 / 2n) <= 1, kk_hi = exp(2 x_hi).
+
+
+def _series_coefs(n, big_l, x_hi, lib, lgam):
+    """Taylor (T1..T3) and asymptotic (B_1.._N_ASYMP) coefficients and kk_hi, for a given n.
+
+    ``lib`` is numpy or jax.numpy and ``lgam`` the matching log-gamma; the coefficients are lists
+    of arrays of n's shape. They are built in log space (the Gamma ratios overflow float32 for
+    large n), with a single vectorized log-gamma call (one expansion to compile, not 16).
+    """
+    n1 = lib.asarray(n)[..., None]
+    bl1 = lib.asarray(big_l)[..., None]
+    m = lib.arange(1.0, 4.0, dtype=n1.dtype)
+    j = lib.arange(1.0, _N_ASYMP + 1.0, dtype=n1.dtype)
+    mu = j / n1  # (..., _N_ASYMP)
+    lg = lgam(lib.concatenate([2.0 * n1 * (m + 1.0), 1.0 + 0.5 * mu, 2.0 * n1], axis=-1))
+    g2n = lg[..., -1:]
+    # Taylor: sum_m (-1)^m Gamma(2n(m+1)) / Gamma(2n) (kappa/2)^(2m) / (m!)^2, kappa = kk e^-L.
+    lfact_m = lib.asarray([math.lgamma(a + 1.0) for a in range(1, 4)], dtype=n1.dtype)
+    lt = lg[..., :3] - g2n - m * math.log(4.0) - 2.0 * lfact_m - 2.0 * m * bl1
+    taylor = (-1.0) ** m * lib.exp(lt)
+    # Asymptotic: exp(-r^(1/n)) = sum_j (-1)^j r^(j/n) / j!, and the Hankel transform of r^mu is
+    # -2^(mu+1) sin(pi mu / 2) Gamma(1 + mu/2)^2 / pi * kappa^(-mu-2), with kappa = kappa_hi t.
+    lfact_j = lib.asarray([math.lgamma(a + 1.0) for a in range(1, _N_ASYMP + 1)], dtype=n1.dtype)
+    lmag = (
+        (mu + 1.0) * math.log(2.0)
+        + 2.0 * lg[..., 3:-1]
+        - lfact_j
+        - lib.log(n1)
+        - g2n
+        - (mu + 2.0) * math.log(_KAPPA_HI)
+    )
+    asym = (-1.0) ** (j + 1.0) * lib.sin(0.5 * math.pi * mu) / math.pi * lib.exp(lmag)
     return (
-        jnp.asarray(ser["table"], dtype=dt),
-        jnp.asarray(ser["lcoef"], dtype=dt),
-        jnp.asarray(dev["coef"], dtype=dt),
+        [taylor[..., i] for i in range(3)],
+        [asym[..., i] for i in range(_N_ASYMP)],
+        lib.exp(2.0 * x_hi),
     )
 
 
+def _rescale_ppoly(coef, h):
+    """Coefficients in powers of (x - x_i) (last axis, highest first) -> powers of (x - x_i)/h."""
+    return coef * (h ** np.arange(3, -1, -1.0))
+
+
+@functools.cache
+def _dev_host():
+    """Host constants of the n = 4 evaluation (Python floats and a float64 table)."""
+    tab = _devaucouleurs_table()
+    x0, hx, nx = float(tab["x0"]), float(tab["hx"]), int(tab["nx"])
+    x_hi = x0 + (nx - 1) * hx
+    taylor, asym, kk_hi = _series_coefs(4.0, tab["big_l"], x_hi, np, _host_gammaln)
+    return dict(
+        x0=x0,
+        inv_h=1.0 / hx,
+        nx=nx,
+        x_hi=x_hi,
+        coef=_rescale_ppoly(tab["coef"], hx),  # (nx - 1, 4)
+        taylor=[float(t) for t in taylor],
+        asym=[float(b) for b in asym],
+        kk_hi=float(kk_hi),
+    )
+
+
+def _host_gammaln(x):
+    from scipy.special import gammaln as sgammaln
+
+    return sgammaln(x)
+
+
+@functools.cache
+def _device_tables(dtype_name):
+    """The Sersic host tables as JAX arrays of the given dtype (once per dtype, outside traces).
+
+    Returns (Sersic table (nv-1, nw-1, 4v, 4w) with the w powers rescaled to d = u - floor(u),
+    L(n) spline coefficients (nv-1, 4)).
+    """
+    dt = np.dtype(dtype_name)
+    ser = _sersic_tables()
+    table = _rescale_ppoly(ser["table"], ser["hw"])
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(table.astype(dt)), jnp.asarray(ser["lcoef"].astype(dt))
+
+
+@functools.cache
+def _dev_device_table(dtype_name):
+    """The n = 4 table (nx-1, 4), rescaled to d = u - floor(u), as a JAX array of that dtype."""
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(_dev_host()["coef"].astype(np.dtype(dtype_name)))
+
+
 def _eval_ppoly1d(coef, x0, h, nx, x):
-    c = coef
     i = jnp.clip(jnp.floor((x - x0) / h).astype(jnp.int32), 0, nx - 2)
     d = x - (x0 + i * h)
-    cc = c[i]  # (..., 4)
+    cc = coef[i]  # (..., 4)
     return ((cc[..., 0] * d + cc[..., 1]) * d + cc[..., 2]) * d + cc[..., 3]
 
 
-def _eval_ppoly2d(tab, c, v, w):
-    nv, nw = tab["nv"], tab["nw"]
-    iv = jnp.clip(jnp.floor((v - tab["v0"]) / tab["hv"]).astype(jnp.int32), 0, nv - 2)
-    iw = jnp.clip(jnp.floor(w / tab["hw"]).astype(jnp.int32), 0, nw - 2)
-    dv = v - (tab["v0"] + iv * tab["hv"])
-    dw = w - iw * tab["hw"]
-    cc = c[iv, iw]  # (..., 4, 4) [power of dv (3..0), power of dw (3..0)]
-    pw = jnp.stack([dw**3, dw**2, dw, jnp.ones_like(dw)], axis=-1)
-    pv = jnp.stack([dv**3, dv**2, dv, jnp.ones_like(dv)], axis=-1)
-    return jnp.einsum("...ab,...a,...b->...", cc, pv, pw)
+def _cubic_lookup(coef, idx, d):
+    """sum_a coef[idx, a] d^(3-a): one gather per coefficient column (faster on CPU than one
+    gather of 4-vectors), the index already clipped to the table."""
+    c = [coef[:, a].at[idx].get(mode="promise_in_bounds") for a in range(4)]
+    return ((c[0] * d + c[1]) * d + c[2]) * d + c[3]
 
 
-def _sersic_series(ksq_hlr, n, big_l):
-    """Low-k Taylor and high-k asymptotic series of the unit-hlr Sersic transform.
+def _sersic_assemble(kk, x, low, high, table_val, taylor, asym, x_hi, kk_hi, inv_n):
+    """Selects the Taylor, table or asymptotic value; each branch is cheap and evaluated at safe
+    arguments (so that values and gradients are finite everywhere)."""
+    kl = jnp.where(low, kk, 0.0)
+    t1, t2, t3 = taylor
+    tay = 1.0 + kl * (t1 + kl * (t2 + kl * t3))
+    kh = jnp.where(high, kk, kk_hi)
+    xh = jnp.where(high, x, x_hi)
+    z = jnp.exp((x_hi - xh) * inv_n)
+    p = asym[-1]
+    for b in asym[-2::-1]:
+        p = p * z + b
+    asy = (kk_hi / kh) * (p * z)
+    return jnp.where(low, tay, jnp.where(high, asy, table_val))
 
-    Args:
-        ksq_hlr: (k hlr)^2, with hlr = 1.
-        n: Sersic index.
-        big_l: ln(hlr / r0) = n ln b(n).
 
-    Returns:
-        (taylor, asymptotic) values; each is only meaningful in its own k range.
-    """
-    # kappa = k r0 = k hlr exp(-L).
-    ksq_r0 = ksq_hlr * jnp.exp(-2.0 * big_l)
-    g2n = gammaln(2.0 * n)
-    # Taylor: sum_m (-1)^m Gamma(2n(m+1)) / Gamma(2n) (kappa/2)^(2m) / (m!)^2, in log space (the
-    # Gamma ratios overflow float32 for large n).
-    nz = ksq_r0 > 0
-    lq = jnp.log(0.25 * jnp.where(nz, ksq_r0, 1.0))
-    taylor = jnp.ones_like(ksq_r0)
-    for m in (1, 2, 3):
-        term = jnp.exp(gammaln(2.0 * n * (m + 1)) - g2n + m * lq - 2.0 * math.lgamma(m + 1.0))
-        taylor = taylor + (-1.0) ** m * jnp.where(nz, term, 0.0)
-    # Asymptotic: exp(-r^(1/n)) = sum_j (-1)^j r^(j/n) / j!, and the Hankel transform of r^mu is
-    # -2^(mu+1) sin(pi mu / 2) Gamma(1 + mu/2)^2 / pi * kappa^(-mu-2).
-    big = ksq_r0 > 1.0
-    lkap = 0.5 * jnp.log(jnp.where(big, ksq_r0, 1.0))
-    asym = jnp.zeros_like(ksq_r0)
-    for j in range(1, _N_ASYMP + 1):
-        mu = j / n
-        lmag = (
-            (mu + 1.0) * math.log(2.0)
-            + 2.0 * gammaln(1.0 + 0.5 * mu)
-            - math.lgamma(j + 1.0)
-            - (mu + 2.0) * lkap
-            - jnp.log(n)
-            - g2n
-        )
-        asym = asym + (-1.0) ** (j + 1) * jnp.sin(0.5 * jnp.pi * mu) / jnp.pi * jnp.exp(lmag)
-    return taylor, asym
+def _log_khlr(ksq, hlr):
+    """kk = (k hlr)^2, masks low (k hlr < _K_LO) and x = ln(k hlr) (x = ln _K_LO where low)."""
+    kk = ksq * (hlr * hlr)
+    low = kk < _K_LO**2
+    x = 0.5 * jnp.log(jnp.where(low, _K_LO**2, kk))
+    return kk, low, x
 
 
 def sersic_b(n):
@@ -490,9 +553,9 @@ def sersic_b(n):
     """
     (n,) = _asf(n)
     tab = _sersic_tables()
-    _, lcoef, _ = _device_tables(n.dtype.name)
+    _, lcoef = _device_tables(n.dtype.name)
     v = jnp.clip(_n_to_v(n), math.log(_N_LO + _V_SHIFT), math.log(_N_HI + _V_SHIFT))
-    big_l = _eval_ppoly1d(lcoef, tab["v0"], tab["hv"], tab["nv"], v)
+    big_l = _eval_ppoly1d(lcoef, float(tab["v0"]), float(tab["hv"]), int(tab["nv"]), v)
     return jnp.exp(big_l / n)
 
 
@@ -511,29 +574,46 @@ def sersic_kvalue(ksq, n, hlr):
         The transform, dimensionless. Differentiable in n and hlr (finite everywhere).
     """
     ksq, n, hlr = _asf(ksq, n, hlr)
-    table, lcoef, _ = _device_tables(ksq.dtype.name)
+    table, lcoef = _device_tables(ksq.dtype.name)
     return _sersic_core(ksq, n, hlr, table, lcoef)
 
 
 @jax.jit
 def _sersic_core(ksq, n, hlr, table, lcoef):
-    ksq, n, hlr = jnp.broadcast_arrays(ksq, n, hlr)
     tab = _sersic_tables()
+    v0, hv, nv, nw = float(tab["v0"]), float(tab["hv"]), int(tab["nv"]), int(tab["nw"])
+    shape = jnp.broadcast_shapes(ksq.shape, n.shape, hlr.shape)
+    # Everything that depends on n only, at n's own shape.
     v = jnp.clip(_n_to_v(n), math.log(_N_LO + _V_SHIFT), math.log(_N_HI + _V_SHIFT))
     nc = jnp.exp(v) - _V_SHIFT
-    big_l = _eval_ppoly1d(lcoef, tab["v0"], tab["hv"], tab["nv"], v)
-    kk = ksq * hlr * hlr  # (k hlr)^2
+    big_l = _eval_ppoly1d(lcoef, v0, hv, nv, v)
     x_lo = math.log(_K_LO)
     x_hi = math.log(_KAPPA_HI) + big_l
-    low = kk < _K_LO**2
-    high = 0.5 * jnp.log(jnp.where(low, 1.0, kk)) >= x_hi
-    mid = ~(low | high)
-    x = 0.5 * jnp.log(jnp.where(mid, kk, _K_LO))
-    w = jnp.clip((x - x_lo) / (x_hi - x_lo), 0.0, 1.0)
-    table_val = _eval_ppoly2d(tab, table, v, w)
-    taylor, asym = _sersic_series(jnp.where(low, kk, 0.0), nc, big_l)
-    _, asym = _sersic_series(jnp.where(high, kk, jnp.exp(2 * x_hi)), nc, big_l)
-    return jnp.where(low, taylor, jnp.where(high, asym, table_val))
+    scale = (nw - 1) / (x_hi - x_lo)
+    taylor, asym, kk_hi = _series_coefs(nc, big_l, x_hi, jnp, gammaln)
+    iv = jnp.clip(jnp.floor((v - v0) / hv).astype(jnp.int32), 0, nv - 2)
+    dv = v - (v0 + iv * hv)
+    pv = jnp.stack([dv**3, dv**2, dv, jnp.ones_like(dv)], axis=-1)  # n.shape + (4,)
+    # Per k point.
+    kk, low, x = _log_khlr(ksq, hlr)
+    high = x >= x_hi
+    u = jnp.clip((x - x_lo) * scale, 0.0, nw - 1.0)
+    iw = jnp.minimum(jnp.floor(u).astype(jnp.int32), nw - 2)
+    d = u - iw.astype(u.dtype)
+    npts = math.prod(shape)
+    if n.size == 1 or n.size * (nw - 1) <= 32 * npts:
+        # Interpolate the table along n once per distinct n: a row of nw - 1 cubics in u, then a
+        # 1-D lookup (4 coefficients) per k point.
+        row = jnp.einsum("...wab,...a->...wb", table[iv], pv).reshape(-1, 4)
+        offset = (jnp.arange(n.size, dtype=jnp.int32) * (nw - 1)).reshape(n.shape)
+        idx = jnp.broadcast_to(iw + offset, shape)
+        table_val = _cubic_lookup(row, idx, jnp.broadcast_to(d, shape))
+    else:
+        # As many distinct n as k points: the 4 x 4 tensor-product cubic per point.
+        cc = table[iv, iw]  # shape + (4v, 4w)
+        pw = jnp.stack([d**3, d**2, d, jnp.ones_like(d)], axis=-1)
+        table_val = jnp.einsum("...ab,...a,...b->...", cc, pv, pw)
+    return _sersic_assemble(kk, x, low, high, table_val, taylor, asym, x_hi, kk_hi, 1.0 / nc)
 
 
 def devaucouleurs_kvalue(ksq, hlr):
@@ -549,27 +629,21 @@ def devaucouleurs_kvalue(ksq, hlr):
         The transform, dimensionless; differentiable in hlr.
     """
     ksq, hlr = _asf(ksq, hlr)
-    _, _, coef = _device_tables(ksq.dtype.name)
+    coef = _dev_device_table(ksq.dtype.name)
     return _devaucouleurs_core(ksq, hlr, coef)
 
 
 @jax.jit
 def _devaucouleurs_core(ksq, hlr, coef):
-    ksq, hlr = jnp.broadcast_arrays(ksq, hlr)
-    tab = _devaucouleurs_table()
-    big_l = tab["big_l"]
-    kk = ksq * hlr * hlr
-    x_hi = tab["x0"] + (tab["nx"] - 1) * tab["hx"]
-    low = kk < _K_LO**2
-    high = 0.5 * jnp.log(jnp.where(low, 1.0, kk)) >= x_hi
-    mid = ~(low | high)
-    x = 0.5 * jnp.log(jnp.where(mid, kk, _K_LO))
-    table_val = _eval_ppoly1d(coef, tab["x0"], tab["hx"], tab["nx"], x)
-    n = jnp.full_like(kk, 4.0)
-    bl = jnp.full_like(kk, big_l)
-    taylor, _ = _sersic_series(jnp.where(low, kk, 0.0), n, bl)
-    _, asym = _sersic_series(jnp.where(high, kk, math.exp(2 * x_hi)), n, bl)
-    return jnp.where(low, taylor, jnp.where(high, asym, table_val))
+    h = _dev_host()
+    kk, low, x = _log_khlr(ksq, hlr)
+    high = x >= h["x_hi"]
+    u = jnp.clip((x - h["x0"]) * h["inv_h"], 0.0, h["nx"] - 1.0)
+    i = jnp.minimum(jnp.floor(u).astype(jnp.int32), h["nx"] - 2)
+    table_val = _cubic_lookup(coef, i, u - i.astype(u.dtype))
+    return _sersic_assemble(
+        kk, x, low, high, table_val, h["taylor"], h["asym"], h["x_hi"], h["kk_hi"], 0.25
+    )
 
 
 # ----------------------------------------------------------------------------------------------

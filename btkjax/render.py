@@ -42,6 +42,9 @@ __all__ = [
     "make_render_spec",
     "source_reach",
     "psf_extent",
+    "psf_wings",
+    "row_extents",
+    "box_size",
     "sersic_extent",
     "kgrid",
     "psf_kimage_from_galsim",
@@ -183,23 +186,31 @@ def _fold(values: jax.Array, spec: RenderSpec) -> jax.Array:
     """Folds k-values from the evaluation grid onto the rfft grid [.., N, N/2 + 1].
 
     Sampling at pixel centers sums the transform over k + 2 pi m / p; the evaluation grid holds
-    every m that matters (where the PSF x pixel transfer is above MAXK_THRESHOLD). Rows: index i
-    goes to row i mod N; the evaluated rows [-E, E] are padded to [-N, N) and the two halves
-    added. Columns: the aliased columns j in [-Mx, -N/2] go to j + N in [N - Mx, N/2].
+    every m that matters (where the PSF x pixel transfer is above MAXK_THRESHOLD). Rows: index
+    i in [-E, E] goes to row i mod N (rows N - E .. E receive two copies). Columns: the aliased
+    columns j in [-Mx, -N/2] go to j + N in [N - Mx, N/2].
     """
     n = spec.fft_size
     half = n // 2
-    extent = spec.y_extent
-    pad = [(0, 0)] * (values.ndim - 2) + [(n - extent, n - extent - 1), (0, 0)]
-    rows = jnp.pad(values, pad)  # rows i in [-N, N)
-    rows = rows.reshape(values.shape[:-2] + (2, n, values.shape[-1])).sum(axis=-3)
+    e = spec.y_extent
+    pos = values[..., e:, :]  # i = 0 .. E -> rows 0 .. E
+    neg = values[..., :e, :]  # i = -E .. -1 -> rows N - E .. N - 1
+    overlap = 2 * e + 1 - n  # rows N - E .. E get both
+    if overlap > 0:
+        rows = jnp.concatenate(
+            [pos[..., : n - e, :], pos[..., n - e :, :] + neg[..., :overlap, :],
+             neg[..., overlap:, :]],
+            axis=-2,
+        )
+    else:
+        gap = jnp.zeros(values.shape[:-2] + (-overlap, values.shape[-1]), values.dtype)
+        rows = jnp.concatenate([pos, gap, neg], axis=-2)
     nf = spec.n_folded_x
     if not nf:
         return rows
-    base = rows[..., nf:]
-    alias = rows[..., :nf]  # j in [-Mx, -N/2] -> columns [N - Mx, N/2]
-    cpad = [(0, 0)] * (values.ndim - 1) + [(half + 1 - nf, 0)]
-    return base + jnp.pad(alias, cpad)
+    base, alias = rows[..., nf:], rows[..., :nf]
+    return jnp.concatenate([base[..., : half + 1 - nf], base[..., half + 1 - nf :] + alias],
+                           axis=-1)
 
 
 def _to_stamp(kimage: jax.Array, spec: RenderSpec) -> jax.Array:
@@ -287,27 +298,37 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
         value = _profile_kvalue(kind, ksq, hlr[:, c, None, None], n[:, c, None, None])
         comps.append(value.astype(dtype))
     shape_k = jnp.stack(comps, axis=1)  # [slot, comp, Ry, Cx] real
-    flux = jnp.where(sources.mask[:, None, None], sources.flux, 0.0).astype(dtype)
-    per_band = jnp.einsum("sbc,scyx->sbyx", flux, shape_k)  # [slot, band, Ry, Cx]
     # FFT sample 0 is stamp pixel 0, at -(S - 1) / 2 pixels from the stamp's true center.
     origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
     phase_x = jnp.exp(-1j * kx[None, :] * (sources.dx[:, None] - origin))  # [slot, Cx]
     phase_y = jnp.exp(-1j * ky[None, :] * (sources.dy[:, None] - origin))  # [slot, Ry]
     phase = phase_y[:, :, None] * phase_x[:, None, :]
-    return per_band * phase[:, None]
+    return shape_k * phase[:, None]  # [slot, comp, Ry, Cx] complex
+
+
+def _band_fluxes(sources: Sources, dtype):
+    return jnp.where(sources.mask[:, None, None], sources.flux, 0.0).astype(dtype)
 
 
 def _render_one(sources: Sources, psf_k: jax.Array, spec: RenderSpec, isolated: bool):
     """One blend: [band, S, S] and, if isolated, [slot, band, S, S]."""
-    kx, ky = kgrid(spec, dtype=sources.flux.dtype)
-    gal_k = _galaxy_kvalues(sources, spec, kx, ky)  # [slot, band, Ry, Cx]
-    blend_k = gal_k.sum(axis=0) * psf_k
-    blend = _to_stamp(_fold(blend_k, spec), spec)
+    dtype = sources.flux.dtype
+    kx, ky = kgrid(spec, dtype=dtype)
+    comp_k = _galaxy_kvalues(sources, spec, kx, ky)  # [slot, comp, Ry, Cx] complex
+    flux = _band_fluxes(sources, dtype)  # [slot, band, comp]
     if not isolated:
-        return blend, None
+        # Sum over galaxies and components as one real matrix product per real/imag part:
+        # [band, slot * comp] x [slot * comp, Ry * Cx], no [slot, band, k] intermediate.
+        n_slot, n_band, n_comp = flux.shape
+        w = jnp.transpose(flux, (1, 0, 2)).reshape(n_band, n_slot * n_comp)
+        t = comp_k.reshape(n_slot * n_comp, -1)
+        blend_k = jax.lax.complex(w @ t.real, w @ t.imag).reshape((n_band,) + comp_k.shape[2:])
+        return _to_stamp(_fold(blend_k * psf_k, spec), spec), None
+    gal_k = jnp.einsum("sbc,scyx->sbyx", flux.astype(comp_k.dtype), comp_k)
+    # One transform per galaxy and band; the blend is their sum (linearity of the FFT).
     iso = _to_stamp(_fold(gal_k * psf_k[None], spec), spec)
     iso = jnp.where(sources.mask[:, None, None, None], iso, 0.0)
-    return blend, iso
+    return iso.sum(axis=0), iso
 
 
 @partial(jax.jit, static_argnames=("spec", "isolated", "chunk"))
@@ -414,7 +435,7 @@ def _maxk_index(psf, pixel_scale: float, fft_size: int, threshold: float) -> int
     return int(np.abs(above - m).max())
 
 
-def sersic_extent(hlr, n, core_radius: float, threshold: float = FOLDING_THRESHOLD) -> float:
+def sersic_extent(hlr, n, core_radius: float, threshold: float = FOLDING_THRESHOLD):
     """Radius (arcsec) beyond which a Sersic profile is below `threshold` of its core brightness.
 
     The core brightness is the profile at ``core_radius`` (half the PSF FWHM: the PSF smooths the
@@ -426,16 +447,67 @@ def sersic_extent(hlr, n, core_radius: float, threshold: float = FOLDING_THRESHO
         n: Sersic indices, broadcastable to `hlr`.
         core_radius: arcsec.
         threshold: the brightness ratio (FOLDING_THRESHOLD by default).
+
+    Returns:
+        numpy array of radii, the shape of `hlr`.
     """
     from scipy.special import gammaincinv
 
-    hlr = np.atleast_1d(np.asarray(hlr, dtype=float))
+    hlr = np.asarray(hlr, dtype=float)
     n = np.broadcast_to(np.asarray(n, dtype=float), hlr.shape)
-    if hlr.size == 0:
-        return 0.0
     b = gammaincinv(2 * n, 0.5)
-    x = (core_radius / hlr) ** (1 / n) + math.log(1 / threshold) / b
-    return float(np.max(hlr * x**n))
+    with np.errstate(divide="ignore"):
+        x = (core_radius / hlr) ** (1 / n) + math.log(1 / threshold) / b
+    return hlr * x**n
+
+
+def row_extents(kinds, hlr, q, n, has_flux, psf_fwhm: float, threshold=FOLDING_THRESHOLD):
+    """How far (arcsec) each catalog row's galaxy stays above `threshold` of its core brightness.
+
+    The largest `sersic_extent` of its components that have flux (major axis: hlr / sqrt(q)),
+    plus a PSF FWHM; 0 for a galaxy of point sources only (the PSF's wings are counted apart).
+
+    Args:
+        kinds: component kinds.
+        hlr, q, n: [row, comp] component half-light radii, axis ratios, Sersic indices.
+        has_flux: [row, comp] bool, components with flux.
+        psf_fwhm: the widest PSF FWHM (arcsec).
+    """
+    hlr = np.asarray(hlr, dtype=float) / np.sqrt(np.asarray(q, dtype=float))
+    n = np.asarray(n, dtype=float)
+    has_flux = np.asarray(has_flux, bool)
+    out = np.zeros(hlr.shape[0])
+    index = {"exponential": 1.0, "devaucouleurs": 4.0}
+    for c, kind in enumerate(kinds):
+        if kind == "point":
+            continue
+        if kind == "gaussian":
+            sigma = hlr[:, c] / math.sqrt(2 * math.log(2))
+            ext = sigma * math.sqrt(2 * math.log(1 / threshold))
+        else:
+            ext = sersic_extent(hlr[:, c], n[:, c] if kind == "sersic" else index[kind],
+                                psf_fwhm / 2, threshold)
+        out = np.maximum(out, np.where(has_flux[:, c], ext + psf_fwhm, 0.0))
+    return out
+
+
+def psf_wings(psfs, pixel_scale: float, threshold: float = FOLDING_THRESHOLD) -> float:
+    """Extent (arcsec) of the PSFs' wings for folding purposes.
+
+    Power-law wings (Kolmogorov r^-11/3, Airy r^-3) fold in from all eight neighbouring copies
+    of the box, not one: their extent is taken at a tenth of the threshold.
+    """
+    return max(psf_extent(p, pixel_scale, threshold / 10) for p in psfs)
+
+
+def box_size(reach_arcsec: float, stamp_pixels: int, pixel_scale: float) -> int:
+    """The smallest fast even FFT size whose box keeps light from `reach_arcsec` off the stamp.
+
+    In a periodic box of side L = N p, the copy of light at distance R from the stamp center
+    lands at least L - R - S p / 2 from any stamp pixel... i.e. L >= R + S p / 2.
+    """
+    box = max(stamp_pixels * pixel_scale, reach_arcsec + stamp_pixels * pixel_scale / 2)
+    return good_fft_size(int(math.ceil(box / pixel_scale - 1e-9)))
 
 
 def make_render_spec(
@@ -463,10 +535,8 @@ def make_render_spec(
             side (a box 1.5 times the stamp).
     """
     if fft_size is None:
-        side = stamp_pixels * pixel_scale
-        reach = side if reach_arcsec is None else float(reach_arcsec)
-        box = max(side, reach + side / 2)
-        fft_size = good_fft_size(int(math.ceil(box / pixel_scale - 1e-9)))
+        reach = stamp_pixels * pixel_scale if reach_arcsec is None else float(reach_arcsec)
+        fft_size = box_size(reach, stamp_pixels, pixel_scale)
     half = fft_size // 2
     m = max(_maxk_index(p, pixel_scale, fft_size, maxk_threshold) for p in psfs)
     return RenderSpec(
@@ -503,13 +573,13 @@ def source_reach(
     max_shear: float = 0.0,
     psfs=(),
     pixel_scale: float | None = None,
+    has_flux=None,
     threshold: float = FOLDING_THRESHOLD,
 ) -> float:
-    """How far (arcsec) from the stamp center galaxy light stays above `threshold` of its peak.
+    """How far (arcsec) from the stamp center light of these galaxies stays above `threshold`.
 
-    The largest `sersic_extent` of any component of any row plus a PSF FWHM, or the PSFs' own
-    extent (`psf_extent`, where their wings fall below the threshold; 20 FWHMs when no PSF
-    object is given), whichever is larger, plus the largest shift.
+    The largest `row_extents` (stretched by a lensing shear of up to `max_shear`) or the PSFs'
+    wings (`psf_wings`; 20 FWHMs when no PSF object is given), plus the largest shift.
 
     Args:
         kinds: the component kinds.
@@ -517,36 +587,19 @@ def source_reach(
         n: [row, comp] Sersic indices (used for "sersic" components).
         max_shift: largest |dx|, |dy| (arcsec).
         psf_fwhm: the widest PSF FWHM (arcsec).
-        q: [row, comp] axis ratios: a sheared profile reaches hlr / sqrt(q) along its major axis.
+        q: [row, comp] axis ratios (default 1).
         max_shear: largest lensing |g|, stretching by (1 + |g|) / sqrt(1 - |g|^2).
         psfs: PSF objects (GalSim) whose wings to measure, with `pixel_scale`.
-        pixel_scale: arcsec per pixel, for `psf_extent`.
+        pixel_scale: arcsec per pixel, for `psf_wings`.
+        has_flux: [row, comp] components that have flux (default all).
     """
     hlr = np.asarray(hlr, dtype=float)
-    if q is not None:
-        hlr = hlr / np.sqrt(np.asarray(q, dtype=float))
-    hlr = hlr * (1 + max_shear) / math.sqrt(1 - max_shear**2)
-    n = np.asarray(n, dtype=float)
-    if len(psfs):
-        # Power-law wings (Kolmogorov r^-11/3, Airy r^-3) fold in from all eight neighbouring
-        # copies of the box, not one: their extent is taken at a tenth of the threshold.
-        wings = max(psf_extent(p, pixel_scale, threshold / 10) for p in psfs)
-    else:
-        wings = 20.0 * psf_fwhm
-    extent = 0.0
-    core = psf_fwhm / 2
-    index = {"exponential": 1.0, "devaucouleurs": 4.0}
-    for c, kind in enumerate(kinds):
-        if kind == "point":
-            continue
-        if kind == "gaussian":
-            sigma = hlr[:, c].max() / math.sqrt(2 * math.log(2))
-            extent = max(extent, sigma * math.sqrt(2 * math.log(1 / threshold)))
-            continue
-        nn = n[:, c] if kind == "sersic" else index[kind]
-        extent = max(extent, sersic_extent(hlr[:, c], nn, core, threshold))
-    extent = max(extent + psf_fwhm, wings)
-    return extent + max_shift
+    q = np.ones_like(hlr) if q is None else q
+    has_flux = np.ones(hlr.shape, bool) if has_flux is None else has_flux
+    stretch = (1 + max_shear) / math.sqrt(1 - max_shear**2)
+    extent = row_extents(kinds, hlr * stretch, q, n, has_flux, psf_fwhm, threshold).max()
+    wings = psf_wings(psfs, pixel_scale, threshold) if len(psfs) else 20.0 * psf_fwhm
+    return max(extent, wings) + max_shift
 
 
 _ = FOLDING_THRESHOLD  # documented in make_render_spec; the margin rule is tested for it

@@ -301,6 +301,12 @@ GRAD_CASES = {
     "sersic_n_highk": (lambda p: 1e12 * P.sersic_kvalue((KG * 1e4) ** 2, p, 0.6), 1.7),
     "sersic_n_highk_large_n": (lambda p: 1e6 * P.sersic_kvalue((KG * 1e8) ** 2, p, 0.6), 5.5),
     "devaucouleurs_hlr": (lambda p: P.devaucouleurs_kvalue(KG**2, p), 0.6),
+    # n = 4 high-k asymptotic branch (k hlr > 1.7e5) and low-k Taylor branch (k hlr < 1e-4).
+    "devaucouleurs_hlr_highk": (lambda p: 1e11 * P.devaucouleurs_kvalue((KG * 1e6) ** 2, p), 0.6),
+    "devaucouleurs_hlr_lowk": (
+        lambda p: 1e8 * (P.devaucouleurs_kvalue((KG * 1.5e-5) ** 2, p) - 1),
+        0.6,
+    ),
     "kolmogorov_fwhm": (lambda p: P.kolmogorov_kvalue(KG**2, p), 0.7),
     "airy_lod": (lambda p: P.airy_kvalue(KG**2, p, 0.3), 0.45),
     "airy_obscuration": (lambda p: P.airy_kvalue(KG**2, 0.45, p), 0.3),
@@ -334,15 +340,15 @@ GRAD_CASES = {
 @pytest.mark.parametrize("name", sorted(GRAD_CASES))
 def test_gradient_vs_finite_difference(x64, name):
     f, p0 = GRAD_CASES[name]
-    _check_grad(f, p0, step=FD_STEP_F64 * (100 if name == "sersic_n_lowk" else 1))
+    _check_grad(f, p0, step=FD_STEP_F64 * (100 if name.endswith("_lowk") else 1))
 
 
 def test_gradients_finite_at_special_points(x64):
     """Finite gradients at k = 0, q = 1, obscuration = 0, the Airy cutoff and Sersic n edges."""
     k0 = jnp.array([0.0, 0.5])
     cutoff = 2 * jnp.pi / 0.45
+    # (Sersic n at k = 0 is checked with the n edges below, in one vmapped gradient.)
     checks = {
-        "sersic_n_k0": lambda p: P.sersic_kvalue(k0**2, p, 0.6),
         "sersic_hlr_k0": lambda p: P.sersic_kvalue(k0**2, 2.0, p),
         "kolmogorov_k0": lambda p: P.kolmogorov_kvalue(k0**2, p),
         "moffat_k0": lambda p: P.moffat_kvalue(k0**2, p, fwhm=0.7),
@@ -363,9 +369,11 @@ def test_gradients_finite_at_special_points(x64):
     assert np.isfinite(float(gq)) and abs(float(gq)) > 1e-3
     geps = jax.grad(lambda e: jnp.sum(P.airy_kvalue(KG**2, 0.45, e)))(0.0)
     assert np.isfinite(float(geps))
-    ksq = jnp.array([0.0, 1e-10, 1.0, 1e10])
-    gn = jax.vmap(jax.grad(lambda n: jnp.sum(P.sersic_kvalue(ksq, n, 0.6))))(
-        jnp.array([0.27, 0.3, 6.2, 6.6, 7.0])
+    # Sersic n: at k = 0, tiny, mid and huge k, at n = 0.7 and at the table edges and beyond (a
+    # finite gradient of the sum implies finite per-point gradients).
+    ksq = jnp.array([0.0, 1e-10, 0.25, 1.0, 1e10])
+    gn = jax.jit(jax.vmap(jax.grad(lambda n: jnp.sum(P.sersic_kvalue(ksq, n, 0.6)))))(
+        jnp.array([0.27, 0.3, 0.7, 6.2, 6.6, 7.0])
     )
     assert np.all(np.isfinite(np.asarray(gn))), gn
 
@@ -459,6 +467,39 @@ def test_float32_default():
         assert vals64[name].dtype == jnp.float64, name
         err = np.max(np.abs(np.asarray(vals32[name], np.float64) - np.asarray(vals64[name])))
         assert err <= IMAGE_RTOL_PEAK_F32, (name, err)
+
+
+def test_float32_inputs_stay_float32_under_x64(x64):
+    """float32 inputs give float32 results even with x64 on (the tables follow the input dtype),
+    in every branch of the Sersic evaluation (k = 0, Taylor, table, asymptotic)."""
+    k = np.concatenate([[0.0, 1e-6], np.geomspace(1e-3, 1e7, 60)]).astype(np.float32)
+    ksq32 = jnp.asarray(k) ** 2
+    for n in (0.3, 1.7, 4.0, 6.2):
+        v32 = P.sersic_kvalue(ksq32, np.float32(n), np.float32(0.5))
+        assert v32.dtype == jnp.float32, n
+        v64 = np.asarray(P.sersic_kvalue(ksq32.astype(jnp.float64), n, 0.5))
+        assert np.max(np.abs(np.asarray(v32, np.float64) - v64)) <= IMAGE_RTOL_PEAK_F32, n
+    v32 = P.devaucouleurs_kvalue(ksq32, np.float32(0.5))
+    assert v32.dtype == jnp.float32
+    v64 = np.asarray(P.devaucouleurs_kvalue(ksq32.astype(jnp.float64), 0.5))
+    assert np.max(np.abs(np.asarray(v32, np.float64) - v64)) <= IMAGE_RTOL_PEAK_F32
+    assert P.sersic_b(np.float32(2.0)).dtype == jnp.float32
+
+
+def test_sersic_per_point_n_matches_per_galaxy(x64):
+    """One n per k point (the per-point 2-D table lookup) agrees with one n per galaxy (the
+    per-galaxy table row, the renderer's layout [G, 1, 1] against [G, Ry, Cx])."""
+    rng = np.random.default_rng(11)
+    ns = rng.uniform(0.3, 6.2, (5, 1, 1))
+    hlrs = rng.uniform(0.2, 2.0, (5, 1, 1))
+    ksq = rng.uniform(0.0, 40.0, (5, 3, 8)) ** 2
+    ksq[0, 0, 0] = 0.0
+    ksq[1, 0, 0] = 1e12  # asymptotic branch
+    per_galaxy = np.asarray(P.sersic_kvalue(ksq, ns, hlrs))
+    per_point = np.asarray(
+        P.sersic_kvalue(ksq, np.broadcast_to(ns, ksq.shape), np.broadcast_to(hlrs, ksq.shape))
+    )
+    np.testing.assert_allclose(per_point, per_galaxy, rtol=0, atol=1e-13)
 
 
 def test_moffat_rejects_truncation():

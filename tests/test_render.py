@@ -72,7 +72,7 @@ def lsst_spec(lsst, catsim_sample):
     arrays = catsim_arrays(catsim_sample.table)
     fwhm = max(lsst.get_filter(b).psf_fwhm.value for b in lsst.available_filters)
     reach = source_reach(CATSIM_KINDS, arrays.hlr, arrays.n, max_shift=3.0, psf_fwhm=fwhm,
-                         q=arrays.q, psfs=psfs, pixel_scale=0.2)
+                         q=arrays.q, psfs=psfs, pixel_scale=0.2, has_flux=arrays.frac > 0)
     return make_render_spec(120, 0.2, psfs, reach_arcsec=reach)
 
 
