@@ -4,6 +4,9 @@
 with flag overrides: generate N blends, optionally measure and score them, and save every batch
 under ``--out`` (HDF5, see `btkjax.utils`), with a progress bar and a summary at the end.
 
+``btkjax stream``: stream many blends to HDF5 shards with a manifest, resumable
+(`btkjax.streaming`): ``btkjax stream --n-blends 100000 --out DIR [--shard-size S] [--resume]``.
+
 ``btkjax demo``: the main job on the embedded default catalog: generate a batch of LSST blends
 on the JAX path, write a picture of the first ones, print a summary.
 
@@ -399,6 +402,103 @@ def _add_generate_parser(sub):
     return gen
 
 
+def _add_stream_parser(sub):
+    st = sub.add_parser(
+        "stream", help="stream N blends to HDF5 shards with a manifest (resumable)",
+        description="Draw N blends on the JAX path and write them, as they are made, to HDF5 "
+                    "shards of a fixed number of blends under --out, with a manifest (config, "
+                    "shard list, sizes, SHA-256). An interrupted run continues with --resume and "
+                    "yields the same files. See btkjax.streaming.",
+    )
+    st.add_argument("--n-blends", type=int, required=True, help="number of blends")
+    st.add_argument("--out", required=True, help="output folder")
+    st.add_argument("--shard-size", type=int, default=128, help="blends per shard file "
+                    "(default: %(default)s)")
+    st.add_argument("--batch-size", type=int, default=32, help="blends per generator batch; "
+                    "divides --shard-size (default: %(default)s)")
+    st.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    st.add_argument("--surveys", nargs="+", default=["LSST"], help="survey names (default: LSST)")
+    st.add_argument("--noise", default="all", choices=NOISE_MODES)
+    st.add_argument("--catalog", default="default",
+                    help="'default' (embedded catalog) or a catalog file path")
+    st.add_argument("--max-number", type=int, default=3, help="galaxies per blend at most")
+    st.add_argument("--max-shift", type=float, default=None,
+                    help="arcsec (default: stamp size / 10)")
+    st.add_argument("--stamp-size", type=float, default=24.0, help="arcsec")
+    st.add_argument("--no-isolated", action="store_true", help="do not save isolated images")
+    st.add_argument("--dtype", default="float32", choices=DTYPES)
+    st.add_argument("--compression", default="gzip", choices=("gzip", "lzf", "none"))
+    st.add_argument("--devices", default=None,
+                    help="shard the renderer over local devices: 'all' or a count "
+                         "(default: the default device)")
+    st.add_argument("--resume", action="store_true", help="continue the run in --out")
+    st.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() first (one process per host)")
+    st.add_argument("--process-index", type=int, default=None,
+                    help="this process's index (default: jax.process_index())")
+    st.add_argument("--process-count", type=int, default=None,
+                    help="number of processes (default: jax.process_count())")
+    st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return st
+
+
+def _stream(args) -> int:
+    t0 = time.perf_counter()
+    if args.n_blends is None or args.n_blends < 1:
+        raise ConfigError(f"--n-blends must be a positive integer, got {args.n_blends!r}.")
+    if args.catalog != "default" and not os.path.isfile(args.catalog):
+        raise ConfigError(f"--catalog must be 'default' or an existing file, got "
+                          f"{args.catalog!r} (no such file).")
+    from btkjax.survey import available_surveys
+
+    for s in args.surveys:
+        if s not in available_surveys():
+            raise ConfigError(f"--surveys has unknown survey {s!r}; allowed: "
+                              f"{available_surveys()}.")
+    devices = args.devices
+    if devices is not None and devices != "all":
+        try:
+            devices = int(devices)
+        except ValueError:
+            raise ConfigError(f"--devices must be 'all' or a count, got {devices!r}.") from None
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+
+    import btkjax
+    from btkjax import streaming
+    from btkjax.catalog import CatsimCatalog
+
+    catalog = (CatsimCatalog.default() if args.catalog == "default"
+               else CatsimCatalog.from_file(args.catalog))
+    try:
+        manifest = streaming.generate(
+            args.n_blends, args.out, catalog=catalog, surveys=args.surveys,
+            shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
+            add_noise=args.noise, stamp_size=args.stamp_size, max_number=args.max_number,
+            max_shift=args.max_shift, isolated=not args.no_isolated, dtype=args.dtype,
+            compression=None if args.compression == "none" else args.compression,
+            devices=devices, resume=args.resume, process_index=args.process_index,
+            process_count=args.process_count, progress=not args.no_progress,
+        )
+    except (streaming.ManifestError, FileExistsError) as err:
+        raise ConfigError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    t1 = time.perf_counter()
+    shards = manifest["shards"]
+    n = sum(s["n_blends"] for s in shards)
+    size = sum(s["bytes"] for s in shards)
+    print(f"btkjax {btkjax.__version__} stream: {n} blends in {len(shards)} shard(s) of up to "
+          f"{manifest['shard_size']} (process {manifest['process_index']} of "
+          f"{manifest['process_count']}), surveys {args.surveys}, noise {args.noise!r}, seed "
+          f"{args.seed}; complete: {manifest['complete']}")
+    print(f"  {t1 - t0:.2f} s in all, {size / 2**20:.1f} MiB in {args.out}; read them with "
+          f"btkjax.streaming.ShardReader({args.out!r}, batch_size=...)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="btkjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -412,9 +512,16 @@ def main(argv=None) -> int:
     demo.add_argument("--noise", default="all", choices=("all", "background", "galaxy", "none"))
     demo.add_argument("--seed", type=int, default=0)
     _add_generate_parser(sub)
+    _add_stream_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "stream":
+        try:
+            return _stream(args)
+        except ConfigError as err:
+            print(f"btkjax stream: error: {err}", file=sys.stderr)
+            return 2
     try:
         return _generate(args)
     except ConfigError as err:

@@ -46,7 +46,7 @@ from btkjax.render import (
     good_fft_size,
     make_render_spec,
     psf_kimage_from_galsim,
-    psf_wings,
+    psf_fold_box,
     render,
     row_extents,
 )
@@ -73,8 +73,8 @@ class _SurveyState:
 
     FFT boxes: each blend is drawn in the smallest box of a ladder of fast sizes (N_0, ~1.5 N_0,
     ...) that keeps its galaxies' light (`btkjax.render.row_extents`) and the PSF's wings
-    (`psf_wings`) from folding back into the stamp above FOLDING_THRESHOLD. N_0 fits the PSF
-    wings and the typical galaxy; the rare giant galaxies get larger boxes. Each size compiles
+    (`psf_fold_box`) from folding back into the stamp above FOLDING_THRESHOLD. N_0 fits the PSF
+    wings; larger galaxies get larger boxes. Each size compiles
     once; a blend's image depends only on its own galaxies.
     """
 
@@ -107,11 +107,14 @@ class _SurveyState:
         fwhm = max(float(survey.get_filter(b).psf_fwhm.to_value("arcsec")) for b in self.bands)
         # Callable (random) PSFs may be wider than the first draw: allow 20% more.
         slack = 1.0 if self.static_psf else 1.2
-        self.wings = slack * psf_wings(self._psfs, self.pixel_scale)
         self.row_extent = row_extents(kinds, arrays.hlr, arrays.q, arrays.n, arrays.frac > 0,
                                       slack * fwhm)
         side = self.stamp_pixels * self.pixel_scale
-        base = box_size(self.wings + max_shift, self.stamp_pixels, self.pixel_scale)
+        psfs = self._psfs
+        if slack != 1.0:  # random PSFs: size the box for a PSF 20% wider than the first draw
+            psfs = [p.dilate(slack) if hasattr(p, "dilate") else p for p in psfs]
+        base = psf_fold_box(psfs, self.stamp_pixels, self.pixel_scale, max_shift)
+        self.base_box = base
         self.ladder = [base]
         largest = good_fft_size(self.MAX_BOX_FACTOR * self.stamp_pixels)
         while self.ladder[-1] < largest:
@@ -144,9 +147,11 @@ class _SurveyState:
         if fft_size not in self._psf_k:
             spec = self.spec(fft_size)
             cdtype = jnp.complex128 if self.dtype == jnp.float64 else jnp.complex64
-            self._psf_k[fft_size] = jnp.asarray(
-                np.stack([psf_kimage_from_galsim(p, spec) for p in self._psfs]), cdtype
-            )
+            kimage = np.stack([psf_kimage_from_galsim(p, spec) for p in self._psfs])
+            if np.all(kimage.imag == 0):  # centered, symmetric PSFs: real arithmetic
+                self._psf_k[fft_size] = jnp.asarray(kimage.real, self.dtype)
+            else:
+                self._psf_k[fft_size] = jnp.asarray(kimage, cdtype)
         return self._psf_k[fft_size]
 
     def box_sizes(self, blends) -> np.ndarray:
@@ -156,10 +161,9 @@ class _SurveyState:
         shift = np.maximum(np.abs(np.asarray(blends.dx)), np.abs(np.asarray(blends.dy)))
         g = np.hypot(np.asarray(blends.g1), np.asarray(blends.g2))
         stretch = (1 + g) / np.sqrt(np.clip(1 - g * g, 1e-12, None))
-        reach = np.where(mask, self.row_extent[index] * stretch, 0.0)
-        reach = np.maximum(reach, self.wings) + np.where(mask, shift, 0.0)
-        reach = reach.max(axis=1)
-        need = np.array([box_size(r, self.stamp_pixels, self.pixel_scale) for r in reach])
+        reach = np.where(mask, self.row_extent[index] * stretch + shift, 0.0).max(axis=1)
+        need = np.array([max(box_size(r, self.stamp_pixels, self.pixel_scale), self.base_box)
+                         for r in reach])
         ladder = np.asarray(self.ladder)
         pos = np.searchsorted(ladder, need)
         if np.any(pos >= len(ladder)) and not self._warned:
@@ -198,6 +202,12 @@ class DrawBlendsGenerator:
         use_bar: show a progress bar (default: for batches of 1000 blends or more).
         dtype: "float32" (default) or "float64" (needs ``jax_enable_x64``).
         chunk: blends rendered per compiled call (memory bound; results do not depend on it).
+        devices: shard the blend axis of the JAX pipeline over devices (`jax.sharding`): None
+            (default: the default device, no sharding), "all" (every local device), an int (the
+            first n local devices) or a sequence of `jax.Device`. Each device renders ``chunk``
+            blends per call, with the same per-device program as a single-device run, and every
+            blend's keys come from the seed and its global index: the images are bit-identical
+            to a single-device run.
     """
 
     compatible_catalogs = ("Catalog",)
@@ -223,6 +233,7 @@ class DrawBlendsGenerator:
         use_bar: bool | None = None,
         dtype: str = "float32",
         chunk: int = 8,
+        devices=None,
     ):
         if not isinstance(catalog, Catalog) or type(catalog).__name__ not in self.compatible_catalogs:
             raise TypeError(
@@ -278,6 +289,9 @@ class DrawBlendsGenerator:
         self.use_bar = use_bar
         self.dtype = jnp.float64 if dtype == "float64" else jnp.float32
         self.chunk = int(chunk)
+        self.devices = _local_devices(devices)
+        self._mesh = (None if self.devices is None
+                      else jax.sharding.Mesh(np.array(self.devices), ("blend",)))
         self.batch_index = 0
         self._pool = None
 
@@ -423,12 +437,18 @@ class DrawBlendsGenerator:
                     jax.tree.map(lambda a, r=rows: np.asarray(a)[r], blends),
                     np.asarray(blend_ids)[rows], self.arrays_device, state.fluxes,
                     state.psf_k(int(size)), sky, noise_key, state.spec(int(size)),
-                    self.add_noise, self.isolated, self.chunk, bar,
+                    self.add_noise, self.isolated, self._chunk_for(state, int(size)), bar, mesh=self._mesh,
                 )
                 images[rows] = np.asarray(img)
                 if self.isolated:
                     iso[rows] = np.asarray(iso_part)
         return images, iso, psfs
+
+    def _chunk_for(self, state, fft_size: int) -> int:
+        """Blends per compiled call for an FFT size: `chunk` for the smallest box, fewer for
+        larger ones (less padding for the rare giant galaxies, bounded memory per call)."""
+        ratio = state.ladder[0] / fft_size
+        return max(1, 2 ** int(math.floor(math.log2(max(self.chunk * ratio, 1)))))
 
     def _bar(self, name):
         show = self.use_bar if self.use_bar is not None else self.batch_size >= 1000
@@ -550,10 +570,60 @@ def _pipeline(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mo
     return images, iso
 
 
+def _local_devices(devices):
+    """The devices of the `devices` option of a generator (None: no sharding)."""
+    if devices is None:
+        return None
+    local = jax.local_devices()
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f"devices must be None, 'all', an int or a list of devices, got "
+                             f"{devices!r}.")
+        return list(local)
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices={devices} but this process has {len(local)} local "
+                             f"device(s): {local}.")
+        return list(local[: int(devices)])
+    devices = list(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(f"devices must be None, 'all', an int or a non-empty list of "
+                        f"jax.Device, got {devices!r}.")
+    return devices
+
+
+_SHARDED = {}
+
+
+def _sharded_pipeline(mesh, spec, mode, isolated, chunk):
+    """`_pipeline` with its blend axis split over `mesh` ("blend"): each device runs the
+    single-device program on its own `chunk` blends (shard_map), so results do not depend on
+    the number of devices."""
+    key = (mesh, spec, mode, isolated, chunk)
+    if key not in _SHARDED:
+        from jax.sharding import PartitionSpec as P
+
+        def body(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key):
+            return _pipeline(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec,
+                             mode, isolated, chunk)
+
+        blend = P("blend")
+        _SHARDED[key] = jax.jit(jax.shard_map(
+            body, mesh=mesh, in_specs=(blend, blend, P(), P(), P(), P(), P()),
+            out_specs=blend, check_vma=False))
+    return _SHARDED[key]
+
+
 def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
-                  isolated, chunk, bar):
+                  isolated, chunk, bar, mesh=None):
     """Runs the jitted pipeline over blends in pieces of `chunk` (the last one padded, so that
-    one compilation per FFT size serves every batch), updating the progress bar."""
+    one compilation per FFT size serves every batch), updating the progress bar.
+
+    With a `mesh`, pieces hold ``chunk`` blends per device (padded likewise), laid out over the
+    mesh's "blend" axis."""
+    if mesh is not None:
+        return _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key,
+                                     spec, mode, isolated, chunk, bar, mesh)
     n = len(blend_ids)
     blends = jax.tree.map(np.asarray, blends)
     blend_ids = np.asarray(blend_ids)
@@ -570,6 +640,36 @@ def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec
         bar.update(stop - start)
     images = jnp.concatenate(images) if len(images) > 1 else images[0]
     iso = (jnp.concatenate(isos) if len(isos) > 1 else isos[0]) if isolated else None
+    return images, iso
+
+
+def _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
+                          isolated, chunk, bar, mesh):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = len(blend_ids)
+    piece = chunk * mesh.size
+    blends = jax.tree.map(np.asarray, blends)
+    blend_ids = np.asarray(blend_ids)
+    replicated = NamedSharding(mesh, P())
+    by_blend = NamedSharding(mesh, P("blend"))
+    arrays, fluxes, psf_k, sky, noise_key = jax.device_put(
+        (arrays, fluxes, psf_k, sky, noise_key), replicated)
+    fn = _sharded_pipeline(mesh, spec, mode, isolated, chunk)
+    images, isos = [], []
+    for start in range(0, n, piece):
+        stop = min(start + piece, n)
+        take = np.arange(start, start + piece).clip(max=stop - 1)  # pad with the last blend
+        part = jax.device_put(jax.tree.map(lambda a: a[take], blends), by_blend)
+        ids = jax.device_put(blend_ids[take], by_blend)
+        img, iso = fn(part, ids, arrays, fluxes, psf_k, sky, noise_key)
+        images.append((img, stop - start))
+        if isolated:
+            isos.append((iso, stop - start))
+        bar.update(stop - start)
+    images = np.concatenate([np.asarray(a)[:k] for a, k in images])
+    iso = np.concatenate([np.asarray(a)[:k] for a, k in isos]) if isolated else None
     return images, iso
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "source_reach",
     "psf_extent",
     "psf_wings",
+    "psf_fold_box",
     "row_extents",
     "box_size",
     "sersic_extent",
@@ -261,13 +262,18 @@ def _profile_kvalue(kind: str, ksq, hlr, n):
 
 
 def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
-    """Per-galaxy, per-band transforms of one blend on the evaluation grid.
+    """Per-galaxy component transforms of one blend on the evaluation grid, in real arithmetic.
+
+    XLA's CPU code for complex arrays is several times slower than for pairs of real arrays, so
+    the phase exp(-i k.x0) is carried as its cosine and sine.
 
     Args:
         sources: fields of ONE blend ([slot, ...]).
 
     Returns:
-        complex array [slot, band, Ry, Cx].
+        (shape [slot, comp, Ry, Cx], cos [slot, Ry, Cx], sin [slot, Ry, Cx]): the component
+        transforms (real: the profiles are centered and symmetric) and the shift phases, with
+        transform = shape * (cos - i sin).
     """
     dtype = kx.dtype
     safe = sources.mask[:, None] & (sources.flux.sum(axis=1) != 0)  # [slot, comp]
@@ -300,33 +306,50 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
     shape_k = jnp.stack(comps, axis=1)  # [slot, comp, Ry, Cx] real
     # FFT sample 0 is stamp pixel 0, at -(S - 1) / 2 pixels from the stamp's true center.
     origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
-    phase_x = jnp.exp(-1j * kx[None, :] * (sources.dx[:, None] - origin))  # [slot, Cx]
-    phase_y = jnp.exp(-1j * ky[None, :] * (sources.dy[:, None] - origin))  # [slot, Ry]
-    phase = phase_y[:, :, None] * phase_x[:, None, :]
-    return shape_k * phase[:, None]  # [slot, comp, Ry, Cx] complex
+    ax = kx[None, :] * (sources.dx[:, None] - origin)  # [slot, Cx]
+    ay = ky[None, :] * (sources.dy[:, None] - origin)  # [slot, Ry]
+    cx, sx = jnp.cos(ax)[:, None, :], jnp.sin(ax)[:, None, :]
+    cy, sy = jnp.cos(ay)[:, :, None], jnp.sin(ay)[:, :, None]
+    cos = cy * cx - sy * sx  # cos(ax + ay)
+    sin = sy * cx + cy * sx  # sin(ax + ay)
+    return shape_k, cos, sin
 
 
 def _band_fluxes(sources: Sources, dtype):
     return jnp.where(sources.mask[:, None, None], sources.flux, 0.0).astype(dtype)
 
 
+def _times_psf(re, im, psf_k):
+    """(re - i im) x psf_k as a (real, imag) pair; psf_k real (symmetric PSF) or complex."""
+    if jnp.iscomplexobj(psf_k):
+        pr, pi = psf_k.real, psf_k.imag
+        return re * pr + im * pi, re * pi - im * pr
+    return re * psf_k, -im * psf_k
+
+
 def _render_one(sources: Sources, psf_k: jax.Array, spec: RenderSpec, isolated: bool):
     """One blend: [band, S, S] and, if isolated, [slot, band, S, S]."""
     dtype = sources.flux.dtype
     kx, ky = kgrid(spec, dtype=dtype)
-    comp_k = _galaxy_kvalues(sources, spec, kx, ky)  # [slot, comp, Ry, Cx] complex
+    shape_k, cos, sin = _galaxy_kvalues(sources, spec, kx, ky)
     flux = _band_fluxes(sources, dtype)  # [slot, band, comp]
+    t_cos = shape_k * cos[:, None]  # [slot, comp, Ry, Cx]
+    t_sin = shape_k * sin[:, None]
     if not isolated:
-        # Sum over galaxies and components as one real matrix product per real/imag part:
+        # Sum over galaxies and components as real matrix products:
         # [band, slot * comp] x [slot * comp, Ry * Cx], no [slot, band, k] intermediate.
         n_slot, n_band, n_comp = flux.shape
         w = jnp.transpose(flux, (1, 0, 2)).reshape(n_band, n_slot * n_comp)
-        t = comp_k.reshape(n_slot * n_comp, -1)
-        blend_k = jax.lax.complex(w @ t.real, w @ t.imag).reshape((n_band,) + comp_k.shape[2:])
-        return _to_stamp(_fold(blend_k * psf_k, spec), spec), None
-    gal_k = jnp.einsum("sbc,scyx->sbyx", flux.astype(comp_k.dtype), comp_k)
+        grid = shape_k.shape[2:]
+        re = (w @ t_cos.reshape(n_slot * n_comp, -1)).reshape((n_band,) + grid)
+        im = (w @ t_sin.reshape(n_slot * n_comp, -1)).reshape((n_band,) + grid)
+        re, im = _times_psf(re, im, psf_k)
+        return _to_stamp(jax.lax.complex(_fold(re, spec), _fold(im, spec)), spec), None
+    re = jnp.einsum("sbc,scyx->sbyx", flux, t_cos)
+    im = jnp.einsum("sbc,scyx->sbyx", flux, t_sin)
+    re, im = _times_psf(re, im, psf_k[None])
     # One transform per galaxy and band; the blend is their sum (linearity of the FFT).
-    iso = _to_stamp(_fold(gal_k * psf_k[None], spec), spec)
+    iso = _to_stamp(jax.lax.complex(_fold(re, spec), _fold(im, spec)), spec)
     iso = jnp.where(sources.mask[:, None, None, None], iso, 0.0)
     return iso.sum(axis=0), iso
 
@@ -492,12 +515,45 @@ def row_extents(kinds, hlr, q, n, has_flux, psf_fwhm: float, threshold=FOLDING_T
 
 
 def psf_wings(psfs, pixel_scale: float, threshold: float = FOLDING_THRESHOLD) -> float:
-    """Extent (arcsec) of the PSFs' wings for folding purposes.
+    """Extent (arcsec) of the PSFs' wings: where each falls below `threshold` of its peak."""
+    return max(psf_extent(p, pixel_scale, threshold) for p in psfs)
 
-    Power-law wings (Kolmogorov r^-11/3, Airy r^-3) fold in from all eight neighbouring copies
-    of the box, not one: their extent is taken at a tenth of the threshold.
+
+def psf_fold_box(psfs, stamp_pixels: int, pixel_scale: float, max_shift: float,
+                 threshold: float = FOLDING_THRESHOLD) -> int:
+    """The smallest fast FFT size at which a point source's folded PSF wings stay below
+    `threshold` of its peak anywhere in the stamp.
+
+    The folded light at a stamp pixel x is the sum over the periodic copies m != 0 of the PSF
+    at x - s + m L (L = N p the box, s the source's shift): computed from the PSF image, for a
+    source at the largest shift, summing the 24 nearest copies (power-law wings such as the
+    Airy's r^-3 fold in from all directions).
     """
-    return max(psf_extent(p, pixel_scale, threshold / 10) for p in psfs)
+    shift = int(math.ceil(max_shift / pixel_scale))
+    s = stamp_pixels
+    n = s
+    while True:
+        n = good_fft_size(n)
+        worst = 0.0
+        for psf in psfs:
+            half = 2 * n + s
+            image = psf.drawImage(nx=2 * half + 1, ny=2 * half + 1, scale=pixel_scale).array
+            peak = image.max()
+            folded = np.zeros((s, s))
+            # stamp pixel j sits at j - (S - 1) / 2 from the center; the source at +shift
+            lo = half - (s - 1) // 2 - shift
+            for my in range(-2, 3):
+                for mx in range(-2, 3):
+                    if mx == my == 0:
+                        continue
+                    y0, x0 = lo + my * n, lo + mx * n
+                    if y0 < 0 or x0 < 0 or y0 + s > image.shape[0] or x0 + s > image.shape[1]:
+                        continue
+                    folded += image[y0 : y0 + s, x0 : x0 + s]
+            worst = max(worst, float(np.abs(folded).max() / peak))
+        if worst <= threshold:
+            return n
+        n += 2
 
 
 def box_size(reach_arcsec: float, stamp_pixels: int, pixel_scale: float) -> int:
@@ -598,7 +654,10 @@ def source_reach(
     has_flux = np.ones(hlr.shape, bool) if has_flux is None else has_flux
     stretch = (1 + max_shear) / math.sqrt(1 - max_shear**2)
     extent = row_extents(kinds, hlr * stretch, q, n, has_flux, psf_fwhm, threshold).max()
-    wings = psf_wings(psfs, pixel_scale, threshold) if len(psfs) else 20.0 * psf_fwhm
+    # Power-law wings (Kolmogorov r^-11/3, Airy r^-3) fold in from all eight neighbouring
+    # copies of the box: their extent is taken at a tenth of the threshold (`psf_fold_box`
+    # computes the folded sum itself, for a tighter box).
+    wings = psf_wings(psfs, pixel_scale, threshold / 10) if len(psfs) else 20.0 * psf_fwhm
     return max(extent, wings) + max_shift
 
 

@@ -66,10 +66,19 @@ def test_same_seed_same_batches_and_different_seed_differs(catsim_sample):
 
 
 def test_no_recompilation_between_batches(catsim_sample):
+    """One compilation per FFT box size (and blends per call), whatever the batch contents."""
     gen = _generator(catsim_sample, batch_size=3)
-    next(gen)
+    state = gen._states["LSST"]
+    seen = set()
+    before = _pipeline._cache_size()
+    for i in range(4):
+        blends, _ = gen._sample_tables(np.arange(3) + 3 * i)
+        seen |= {(int(n), gen._chunk_for(state, int(n))) for n in state.box_sizes(blends)}
+        next(gen)
+        assert _pipeline._cache_size() - before <= len(seen)
+    # a repeated batch compiles nothing
+    gen.batch_index = 0
     size = _pipeline._cache_size()
-    next(gen)
     next(gen)
     assert _pipeline._cache_size() == size
 
@@ -167,3 +176,35 @@ def test_bad_inputs_fail_before_drawing(catsim_sample):
         CatsimGenerator(catsim_sample, sf, lsst, add_noise="loud")
     with pytest.raises(ValueError, match="backend must be one of"):
         CatsimGenerator(catsim_sample, sf, lsst, backend="torch")
+
+
+def test_psf_callables_evaluated_once_per_batch(catsim_sample):
+    import galsim
+
+    calls = []
+    rng = np.random.default_rng(0)
+
+    def random_psf(survey, filtr):
+        def draw():
+            calls.append(filtr.name)
+            return galsim.Kolmogorov(fwhm=filtr.psf_fwhm.value + rng.uniform(-0.1, 0.1))
+        return draw
+
+    survey = get_surveys("LSST", random_psf)
+    assert calls == []
+    gen = _generator(catsim_sample, batch_size=2, surveys=survey, add_noise="none")
+    first = next(gen)  # the PSFs drawn when the generator was made serve batch 0
+    assert sorted(calls) == sorted("ugrizy")
+    calls.clear()
+    second = next(gen)
+    assert sorted(calls) == sorted("ugrizy")
+    assert len(first["psf"]) == 6 and first["psf_images"].shape == (6, 120, 120)
+    assert not np.allclose(first["psf_images"], second["psf_images"], rtol=1e-3, atol=0)
+
+
+def test_galsim_backend_process_pool_matches_one_process(catsim_sample):
+    one = next(_generator(catsim_sample, batch_size=4, add_noise="none", backend="galsim"))
+    gen = _generator(catsim_sample, batch_size=4, add_noise="none", backend="galsim", cpus=2)
+    two = next(gen)
+    np.testing.assert_array_equal(one["blend_images"], two["blend_images"])
+    np.testing.assert_array_equal(one["isolated_images"], two["isolated_images"])
