@@ -21,7 +21,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -65,7 +64,7 @@ def run_job(catalog, max_number, isolated, n_jax, n_galsim, dtype="float32"):
         "jax_compile_s": max(first - steady, 0.0),
         "galsim_blends_per_s": galsim_rate,
         "speedup": jax_rate / galsim_rate,
-        "fft_sizes": {int(k): int(v) for k, v in zip(*sizes)},
+        "fft_sizes": {int(k): int(v) for k, v in zip(*sizes, strict=False)},
         "jax_batch": n_jax,
         "galsim_blends": n_galsim,
         "dtype": dtype,

@@ -115,7 +115,7 @@ def _demo(args) -> int:
     axes = np.atleast_1d(axes)
     bands = survey.available_filters
     rgb_bands = tuple(bands.index(b) for b in ("i", "r", "g")) if set("irg") <= set(bands) else (0,) * 3
-    for ax, img, table in zip(axes, images[:n_show], batch["blend_list"][:n_show]):
+    for ax, img, table in zip(axes, images[:n_show], batch["blend_list"][:n_show], strict=False):
         ax.imshow(_rgb(img, rgb_bands), origin="lower")
         ax.scatter(table["x_peak"], table["y_peak"], marker="x", color="red", s=20)
         ax.set_title(f"{len(table)} galaxies")

@@ -45,8 +45,8 @@ from btkjax.render import (
     box_size,
     good_fft_size,
     make_render_spec,
-    psf_kimage_from_galsim,
     psf_fold_box,
+    psf_kimage_from_galsim,
     render,
     row_extents,
 )
@@ -271,7 +271,7 @@ class DrawBlendsGenerator:
             )
         self.catalog = catalog
         self.sampling_function = sampling_function
-        self.max_number = int(getattr(sampling_function, "max_number"))
+        self.max_number = int(sampling_function.max_number)
         self.batch_size = int(batch_size)
         self.stamp_size = float(stamp_size)
         self.cpus = int(cpus)
@@ -504,7 +504,7 @@ class DrawBlendsGenerator:
                 big[f"{band}_flux"] = fluxes[:, b]
         ends = np.cumsum(counts)
         starts = ends - counts
-        return [big[s:e] for s, e in zip(starts, ends)]
+        return [big[s:e] for s, e in zip(starts, ends, strict=False)]
 
     def __next__(self) -> dict:
         blend_ids = np.arange(self.batch_size) + self.batch_index * self.batch_size
@@ -631,7 +631,7 @@ def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         take = np.arange(start, start + chunk).clip(max=stop - 1)  # pad with the last blend
-        part = jax.tree.map(lambda a: jnp.asarray(a[take]), blends)
+        part = jax.tree.map(lambda a, t=take: jnp.asarray(a[t]), blends)
         img, iso = _pipeline(part, jnp.asarray(blend_ids[take]), arrays, fluxes, psf_k, sky,
                              noise_key, spec, mode, isolated, chunk)
         images.append(img[: stop - start])
@@ -661,7 +661,7 @@ def _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_k
     for start in range(0, n, piece):
         stop = min(start + piece, n)
         take = np.arange(start, start + piece).clip(max=stop - 1)  # pad with the last blend
-        part = jax.device_put(jax.tree.map(lambda a: a[take], blends), by_blend)
+        part = jax.device_put(jax.tree.map(lambda a, t=take: a[t], blends), by_blend)
         ids = jax.device_put(blend_ids[take], by_blend)
         img, iso = fn(part, ids, arrays, fluxes, psf_k, sky, noise_key)
         images.append((img, stop - start))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from conftest import CATSIM_SAMPLE
 
 import btkjax
 from btkjax.catalog import CatalogError, CatsimCatalog
@@ -24,8 +25,6 @@ from btkjax.survey import (
     get_surveys,
     make_wcs,
 )
-
-from conftest import CATSIM_SAMPLE
 
 
 def test_default_seed_at_top():

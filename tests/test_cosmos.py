@@ -6,14 +6,13 @@ import galsim
 import numpy as np
 import pytest
 from astropy.table import Table
+from conftest import COSMOS_DIR
 
 from btkjax.cosmos import CosmosCatalog, CosmosGenerator, cosmos_parametric_arrays
 from btkjax.galsim_backend import tight_gsparams
 from btkjax.sampling_functions import DefaultSampling, SamplingFunction
 from btkjax.survey import get_flux, get_surveys
 from btkjax.tolerances import IMAGE_RTOL_PEAK_F64, REAL_GALAXY_RTOL_PEAK
-
-from conftest import COSMOS_DIR
 
 PARAM_FILES = [
     COSMOS_DIR / "real_galaxy_catalog_23.5_example.fits",

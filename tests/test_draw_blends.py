@@ -5,14 +5,13 @@ import matplotlib
 import numpy as np
 import pytest
 from astropy.table import Table
+from conftest import CATSIM_SAMPLE
 
 import btkjax as btk
 from btkjax import tolerances as tol
 from btkjax.draw_blends import CatsimGenerator, _pipeline
 from btkjax.sampling_functions import DefaultSampling, DefaultSamplingShear, SamplingFunction
 from btkjax.survey import get_surveys
-
-from conftest import CATSIM_SAMPLE
 
 matplotlib.use("Agg")
 
@@ -53,7 +52,7 @@ def test_same_seed_same_batches_and_different_seed_differs(catsim_sample):
     b = next(gen_b)
     np.testing.assert_array_equal(a["blend_images"], b["blend_images"])
     np.testing.assert_array_equal(a["isolated_images"], b["isolated_images"])
-    for ta, tb in zip(a["blend_list"], b["blend_list"]):
+    for ta, tb in zip(a["blend_list"], b["blend_list"], strict=False):
         assert ta.colnames == tb.colnames and np.all(ta == tb)
     c = next(_generator(catsim_sample, seed=5, batch_size=4))
     assert not np.array_equal(a["blend_images"], c["blend_images"])
@@ -86,7 +85,7 @@ def test_no_recompilation_between_batches(catsim_sample):
 def test_galsim_backend_matches_jax(catsim_sample):
     jax_batch = next(_generator(catsim_sample, batch_size=2, add_noise="none"))
     gs_batch = next(_generator(catsim_sample, batch_size=2, add_noise="none", backend="galsim"))
-    for ta, tb in zip(jax_batch["blend_list"], gs_batch["blend_list"]):
+    for ta, tb in zip(jax_batch["blend_list"], gs_batch["blend_list"], strict=False):
         assert np.all(ta == tb)
     ref = gs_batch["blend_images"]
     err = np.abs(jax_batch["blend_images"] - ref).max(axis=(1, 2, 3)) / ref.max(axis=(1, 2, 3))
@@ -109,7 +108,7 @@ def test_multi_survey_shapes_scales_and_fluxes():
         assert images.shape == (2, n_band, n_pix, n_pix)
         assert batch["isolated_images"][name].shape == (2, 3, n_band, n_pix, n_pix)
         assert batch["wcs"][name].wcs.pc[0, 0] * 3600 == pytest.approx(scale)
-        for table, ref in zip(batch["blend_list"][name], lsst_tables):
+        for table, ref in zip(batch["blend_list"][name], lsst_tables, strict=False):
             np.testing.assert_array_equal(table["btk_index"], ref["btk_index"])
             np.testing.assert_array_equal(table["ra"], ref["ra"])
             band = surveys[list(pixels).index(name)].available_filters[0]

@@ -10,6 +10,7 @@ from btkjax import tolerances as tol
 from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sources
 from btkjax.galsim_backend import render_galsim, tight_gsparams
 from btkjax.render import (
+    CATSIM_KINDS,
     Sources,
     default_psf_kimage,
     make_render_spec,
@@ -17,7 +18,6 @@ from btkjax.render import (
     render,
     source_reach,
 )
-from btkjax.render import CATSIM_KINDS
 from btkjax.samplers import Blends
 from btkjax.survey import default_psf_params, get_surveys
 

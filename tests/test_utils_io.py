@@ -27,7 +27,9 @@ def assert_same(a, b, where="value"):
             # same type and width; big-endian FITS columns come back in native byte order
             assert a[c].dtype.newbyteorder("=") == b[c].dtype.newbyteorder("="), f"{where}[{c}]"
             assert a[c].unit == b[c].unit, f"{where}[{c}]"
-            assert np.array_equal(np.asarray(a[c]), np.asarray(b[c]), equal_nan=a[c].dtype.kind == "f"), f"{where}[{c}]"
+            same = np.array_equal(np.asarray(a[c]), np.asarray(b[c]),
+                                  equal_nan=a[c].dtype.kind == "f")
+            assert same, f"{where}[{c}]"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and list(a) == list(b), where
         for k in a:
