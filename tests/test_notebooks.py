@@ -29,7 +29,8 @@ def kernel_dir(tmp_path_factory):
 
 def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    assert {"00-intro.ipynb", "01-custom.ipynb", "02-multi-resolution.ipynb"} <= set(names)
+    assert {"00-intro.ipynb", "01-custom.ipynb", "02-multi-resolution.ipynb",
+            "03-cosmos.ipynb"} <= set(names)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
