@@ -7,7 +7,6 @@ Only the imports (btk -> btkjax) and the catalog path change; batch_size stays t
 import galcheat.utilities
 import matplotlib
 import numpy as np
-
 from conftest import CATSIM_SAMPLE
 from tutorial import code_cells, to_btkjax
 
