@@ -270,7 +270,7 @@ class MeasureGenerator:
         measure_kwargs: a dict or a list of dicts of keyword arguments; each function runs once
             per dict. ``channels_last``, ``surveys`` and ``is_multiresolution`` are added.
         save_path: folder where each batch of measurements is written with
-            ``btkjax.utils.save_measure_batch`` (when that function exists).
+            ``btkjax.utils.save_measure_batch``.
 
     ``next()`` returns ``(blend_results, meas_results)``: the draw generator's batch and
     ``meas_results[key][name]`` for ``key`` in `MEASURE_KEYS`, ``name`` the function's
@@ -471,12 +471,9 @@ class MeasureGenerator:
         return batch, meas_results
 
     def _save(self, index, meas_results):
-        try:
-            from btkjax import utils
-        except ImportError:  # pragma: no cover - utils is another module's job
-            return
-        if hasattr(utils, "save_measure_batch"):
-            utils.save_measure_batch(self.save_path, index, meas_results, self.config())
+        from btkjax import utils
+
+        utils.save_measure_batch(self.save_path, index, meas_results, self.config())
 
     def config(self) -> dict:
         """The generator's settings (JSON-able)."""

@@ -561,7 +561,7 @@ class MetricsGenerator:
             ``sky_level`` (electrons per pixel), ``verbose`` and, per galaxy, ``x_peak``,
             ``y_peak`` of the true galaxy (pixels).
         save_path: folder where each batch of metrics is written with
-            ``btkjax.utils.save_metrics_batch`` (when that function exists).
+            ``btkjax.utils.save_metrics_batch``.
         match_function: a `btkjax.match.Matcher` (default ``PixelHungarianMatcher(5.0)``) or a
             callable ``f(true_table, detected_table) -> (true_idx, detected_idx[, dist])``.
         noise_threshold_factor: true segmentations are the isolated pixels above this many sky
@@ -689,12 +689,9 @@ class MetricsGenerator:
         return blend_results, meas_results, results
 
     def _save(self, index, results):
-        try:
-            from btkjax import utils
-        except ImportError:  # pragma: no cover
-            return
-        if hasattr(utils, "save_metrics_batch"):
-            utils.save_metrics_batch(self.save_path, index, results, self.config())
+        from btkjax import utils
+
+        utils.save_metrics_batch(self.save_path, index, results, self.config())
 
     def config(self) -> dict:
         """The generator's settings (JSON-able)."""

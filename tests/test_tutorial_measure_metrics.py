@@ -115,8 +115,6 @@ def test_metrics_cells(tutorial_namespace):
 
 def test_saving_cells(tutorial_namespace):
     ns = tutorial_namespace
-    if "load_all_results" not in dir(ns["btk"].utils):
-        pytest.skip("btkjax.utils.load_all_results is not there yet")
     # The tutorial's last cell replaced the run's results by what load_all_results read back.
     loaded = ns["saved_run"]["results"]["galaxy_summary"]["sep_singleband_measure"]
     assert "ellipticity0" in loaded.colnames and "flux0" not in loaded.colnames
