@@ -433,16 +433,42 @@ class DrawBlendsGenerator:
         with self._bar(state.name) as bar:
             for size in np.unique(sizes):
                 rows = np.flatnonzero(sizes == size)
-                img, iso_part = _render_batch(
-                    jax.tree.map(lambda a, r=rows: np.asarray(a)[r], blends),
-                    np.asarray(blend_ids)[rows], self.arrays_device, state.fluxes,
-                    state.psf_k(int(size)), sky, noise_key, state.spec(int(size)),
-                    self.add_noise, self.isolated, self._chunk_for(state, int(size)), bar, mesh=self._mesh,
+                sub = jax.tree.map(lambda a, r=rows: np.asarray(a)[r], blends)
+                ids = np.asarray(blend_ids)[rows]
+                chunk = self._chunk_for(state, int(size))
+                if self.isolated:
+                    images[rows], iso[rows] = self._render_galaxies(
+                        state, int(size), sub, ids, sky, noise_key, chunk)
+                    bar.update(len(rows))
+                    continue
+                img, _ = _render_batch(
+                    sub, ids, self.arrays_device, state.fluxes, state.psf_k(int(size)), sky,
+                    noise_key, state.spec(int(size)), self.add_noise, False, chunk, bar,
+                    mesh=self._mesh,
                 )
                 images[rows] = np.asarray(img)
-                if self.isolated:
-                    iso[rows] = np.asarray(iso_part)
         return images, iso, psfs
+
+    def _render_galaxies(self, state, size, blends, blend_ids, sky, noise_key, chunk):
+        """Isolated images of the occupied slots only (galaxy by galaxy, ``chunk *
+        max_number`` per compiled call), then each blend as the sum of its galaxies and its
+        noise. Empty slots cost nothing; a galaxy's image depends only on the galaxy."""
+        mask = np.asarray(blends.mask)
+        b_idx, s_idx = np.nonzero(mask)
+        n_rows, n_slot = mask.shape
+        s = state.stamp_pixels
+        iso = np.zeros((n_rows, n_slot, len(state.bands), s, s), np.dtype(self.dtype))
+        if len(b_idx):
+            galaxies = Blends(*[np.asarray(a)[b_idx, s_idx][:, None] for a in blends])
+            gal_iso, _ = _render_batch(
+                galaxies, np.asarray(blend_ids)[b_idx], self.arrays_device, state.fluxes,
+                state.psf_k(size), sky, noise_key, state.spec(size), "none", False,
+                chunk * self.max_number, _NoBar(), mesh=self._mesh,
+            )
+            iso[b_idx, s_idx] = np.asarray(gal_iso)
+        noiseless = iso.sum(axis=1)
+        images = _noise_batch(noise_key, blend_ids, noiseless, sky, self.add_noise, chunk)
+        return images, iso
 
     def _chunk_for(self, state, fft_size: int) -> int:
         """Blends per compiled call for an FFT size: `chunk` for the smallest box, fewer for
@@ -671,6 +697,26 @@ def _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_k
     images = np.concatenate([np.asarray(a)[:k] for a, k in images])
     iso = np.concatenate([np.asarray(a)[:k] for a, k in isos]) if isolated else None
     return images, iso
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def _noise_batch(noise_key, blend_ids, images, sky, mode, chunk):
+    """`add_noise` over blends in pieces of `chunk` (the last padded: one compilation)."""
+    if mode == "none":
+        return images
+    n = len(blend_ids)
+    out = np.empty_like(images)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        take = np.arange(start, start + chunk).clip(max=stop - 1)
+        noisy = add_noise(noise_key, jnp.asarray(np.asarray(blend_ids)[take]),
+                          jnp.asarray(images[take]), sky, mode)
+        out[start:stop] = np.asarray(noisy)[: stop - start]
+    return out
 
 
 class CatsimGenerator(DrawBlendsGenerator):
