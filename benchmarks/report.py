@@ -37,7 +37,8 @@ def section() -> str:
                    f"measured {render.get('when', '')}):\n")
         out.append(table(render["rows"], ["max_number", "isolated", "mean_galaxies",
                                           "jax_blends_per_s", "jax_compile_s",
-                                          "galsim_blends_per_s", "speedup"]))
+                                          "galsim_blends_per_s", "speedup", "jax_cpu_ms_per_blend",
+                                          "galsim_cpu_ms_per_blend", "cpu_speedup"]))
         out.append("")
     gen = _load("generator_cpu.json")
     if gen:

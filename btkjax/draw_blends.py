@@ -154,16 +154,18 @@ class _SurveyState:
                 self._psf_k[fft_size] = jnp.asarray(kimage, cdtype)
         return self._psf_k[fft_size]
 
-    def box_sizes(self, blends) -> np.ndarray:
-        """The FFT size of each blend of a batch (host)."""
+    def box_sizes(self, blends, per_galaxy: bool = False) -> np.ndarray:
+        """The FFT size of each blend of a batch ([blend]), or of each galaxy ([blend, slot],
+        0 in empty slots) with `per_galaxy` (host)."""
         index = np.asarray(blends.index)
         mask = np.asarray(blends.mask)
         shift = np.maximum(np.abs(np.asarray(blends.dx)), np.abs(np.asarray(blends.dy)))
         g = np.hypot(np.asarray(blends.g1), np.asarray(blends.g2))
         stretch = (1 + g) / np.sqrt(np.clip(1 - g * g, 1e-12, None))
-        reach = np.where(mask, self.row_extent[index] * stretch + shift, 0.0).max(axis=1)
-        need = np.array([max(box_size(r, self.stamp_pixels, self.pixel_scale), self.base_box)
-                         for r in reach])
+        reach = np.where(mask, self.row_extent[index] * stretch + shift, 0.0)
+        if not per_galaxy:
+            reach = reach.max(axis=1)
+        need = np.maximum(self._box_for_reach(reach), self.base_box)
         ladder = np.asarray(self.ladder)
         pos = np.searchsorted(ladder, need)
         if np.any(pos >= len(ladder)) and not self._warned:
@@ -176,7 +178,14 @@ class _SurveyState:
                 stacklevel=3,
             )
             self._warned = True
-        return ladder[np.minimum(pos, len(ladder) - 1)]
+        sizes = ladder[np.minimum(pos, len(ladder) - 1)]
+        return np.where(mask, sizes, 0) if per_galaxy else sizes
+
+    def _box_for_reach(self, reach):
+        """`box_size` of each reach (arcsec), vectorized over an array."""
+        flat = np.asarray(reach, float).ravel()
+        out = np.array([box_size(r, self.stamp_pixels, self.pixel_scale) for r in flat], int)
+        return out.reshape(np.shape(reach))
 
 
 class DrawBlendsGenerator:
@@ -423,58 +432,92 @@ class DrawBlendsGenerator:
             images = np.asarray(add_noise(noise_key, jnp.asarray(blend_ids),
                                           jnp.asarray(images, self.dtype), sky, self.add_noise))
             return images, iso, psfs
-        sizes = state.box_sizes(blends)
         s = state.stamp_pixels
         n_band = len(state.bands)
         np_dtype = np.dtype(self.dtype)
+        if self.isolated:
+            with self._bar(state.name) as bar:
+                images, iso = self._render_galaxies(state, blends, blend_ids, sky, noise_key)
+                bar.update(len(blend_ids))
+            return images, iso, psfs
+        sizes = state.box_sizes(blends)
         images = np.empty((len(blend_ids), n_band, s, s), np_dtype)
-        iso = (np.empty((len(blend_ids), self.max_number, n_band, s, s), np_dtype)
-               if self.isolated else None)
         with self._bar(state.name) as bar:
             for size in np.unique(sizes):
                 rows = np.flatnonzero(sizes == size)
                 sub = jax.tree.map(lambda a, r=rows: np.asarray(a)[r], blends)
                 ids = np.asarray(blend_ids)[rows]
-                chunk = self._chunk_for(state, int(size))
-                if self.isolated:
-                    images[rows], iso[rows] = self._render_galaxies(
-                        state, int(size), sub, ids, sky, noise_key, chunk)
-                    bar.update(len(rows))
-                    continue
                 img, _ = _render_batch(
                     sub, ids, self.arrays_device, state.fluxes, state.psf_k(int(size)), sky,
-                    noise_key, state.spec(int(size)), self.add_noise, False, chunk, bar,
-                    mesh=self._mesh,
+                    noise_key, state.spec(int(size)), self.add_noise, False,
+                    self._chunk_for(state, int(size)), bar, mesh=self._mesh,
                 )
                 images[rows] = np.asarray(img)
-        return images, iso, psfs
+        return images, None, psfs
 
-    def _render_galaxies(self, state, size, blends, blend_ids, sky, noise_key, chunk):
-        """Isolated images of the occupied slots only (galaxy by galaxy, ``chunk *
-        max_number`` per compiled call), then each blend as the sum of its galaxies and its
-        noise. Empty slots cost nothing; a galaxy's image depends only on the galaxy."""
+    def _render_galaxies(self, state, blends, blend_ids, sky, noise_key):
+        """Isolated images of the occupied slots only, each galaxy in the FFT box its own light
+        needs (``chunk * max_number`` galaxies per compiled call), then each blend as the sum
+        of its galaxies and its noise. Empty slots cost nothing; a galaxy's image depends only
+        on the galaxy."""
         mask = np.asarray(blends.mask)
-        b_idx, s_idx = np.nonzero(mask)
         n_rows, n_slot = mask.shape
         s = state.stamp_pixels
-        iso = np.zeros((n_rows, n_slot, len(state.bands), s, s), np.dtype(self.dtype))
-        if len(b_idx):
-            galaxies = Blends(*[np.asarray(a)[b_idx, s_idx][:, None] for a in blends])
-            gal_iso, _ = _render_batch(
-                galaxies, np.asarray(blend_ids)[b_idx], self.arrays_device, state.fluxes,
-                state.psf_k(size), sky, noise_key, state.spec(size), "none", False,
-                chunk * self.max_number, _NoBar(), mesh=self._mesh,
-            )
-            iso[b_idx, s_idx] = np.asarray(gal_iso)
-        noiseless = iso.sum(axis=1)
-        images = _noise_batch(noise_key, blend_ids, noiseless, sky, self.add_noise, chunk)
-        return images, iso
+        n_band = len(state.bands)
+        dtype = np.dtype(self.dtype)
+        sizes = state.box_sizes(blends, per_galaxy=True)
+        host = [np.asarray(a) for a in blends]
+        blend_ids = np.asarray(blend_ids)
+        iso = np.zeros((n_rows, n_slot, n_band, s, s), dtype)
+        if self._mesh is not None:
+            for size in np.unique(sizes[mask]):
+                b_idx, s_idx = np.nonzero(mask & (sizes == size))
+                galaxies = Blends(*[a[b_idx, s_idx][:, None] for a in host])
+                gal_iso, _ = _render_batch(
+                    galaxies, blend_ids[b_idx], self.arrays_device, state.fluxes,
+                    state.psf_k(int(size)), sky, noise_key, state.spec(int(size)), "none",
+                    False, self._chunk_for(state, int(size), self.chunk * self.max_number),
+                    _NoBar(), mesh=self._mesh,
+                )
+                iso[b_idx, s_idx] = gal_iso
+            images = _noise_batch(noise_key, blend_ids, iso.sum(axis=1), sky, self.add_noise,
+                                  self.chunk)
+            return images, iso
+        # Single device: every step is dispatched before anything is read back, so the device
+        # renders, sums and adds noise while the host copies finished galaxies into `iso`.
+        total = jnp.zeros((n_rows, n_band, s, s), dtype)
+        pending = []
+        for size in np.unique(sizes[mask]):
+            b_idx, s_idx = np.nonzero(mask & (sizes == size))
+            galaxies = Blends(*[a[b_idx, s_idx][:, None] for a in host])
+            spec, psf_k = state.spec(int(size)), state.psf_k(int(size))
+            n_gal, start = len(b_idx), 0
+            for piece in _pieces(n_gal, self._chunk_for(state, int(size),
+                                                        self.chunk * self.max_number)):
+                stop = min(start + piece, n_gal)
+                take = np.arange(start, start + piece).clip(max=stop - 1)  # padded: repeats
+                part = jax.tree.map(lambda a, t=take: a[t], galaxies)
+                img, _ = _pipeline(part, blend_ids[b_idx[take]], self.arrays_device,
+                                   state.fluxes, psf_k, sky, noise_key, spec, "none", False,
+                                   piece)
+                real = np.arange(start, start + piece) < stop  # padding adds nothing
+                total = _accumulate(total, img, b_idx[take], real.astype(dtype))
+                pending.append((img, b_idx[start:stop], s_idx[start:stop], stop - start))
+                start = stop
+        noisy = (total if self.add_noise == "none" else
+                 _noise_device(noise_key, blend_ids, total, sky, self.add_noise,
+                               max(self.chunk, 32)))
+        for img, b_rows, slots, k in pending:
+            iso[b_rows, slots] = np.asarray(img)[:k]
+        return np.array(noisy), iso
 
-    def _chunk_for(self, state, fft_size: int) -> int:
-        """Blends per compiled call for an FFT size: `chunk` for the smallest box, fewer for
-        larger ones (less padding for the rare giant galaxies, bounded memory per call)."""
-        ratio = state.ladder[0] / fft_size
-        return max(1, 2 ** int(math.floor(math.log2(max(self.chunk * ratio, 1)))))
+    def _chunk_for(self, state, fft_size: int, per_call: int | None = None) -> int:
+        """Items per compiled call for an FFT size: `per_call` (default `chunk` blends) for the
+        smallest box, fewer for larger ones in proportion to the box's area (bounded memory and
+        work per call), rounded down to a power of two."""
+        per_call = self.chunk if per_call is None else per_call
+        ratio = (state.ladder[0] / fft_size) ** 2
+        return max(1, 2 ** int(math.floor(math.log2(max(per_call * ratio, 1)))))
 
     def _bar(self, name):
         show = self.use_bar if self.use_bar is not None else self.batch_size >= 1000
@@ -640,10 +683,30 @@ def _sharded_pipeline(mesh, spec, mode, isolated, chunk):
     return _SHARDED[key]
 
 
+def _pieces(n: int, chunk: int) -> list[int]:
+    """Sizes of the compiled calls that cover `n` items with at most `chunk` per call: full
+    calls of `chunk`, then the remainder in halves (chunk / 2, / 4, / 8), the last one padded.
+    At most four shapes per FFT size are ever compiled, and padding stays below chunk / 8 (a
+    galaxy drawn in a rare, large box is not drawn `chunk` times over)."""
+    shapes = sorted({max(1, chunk >> j) for j in range(4)}, reverse=True)
+    pieces, left = [], n
+    while left >= chunk:
+        pieces.append(chunk)
+        left -= chunk
+    for size in shapes[1:]:
+        if left >= size:
+            pieces.append(size)
+            left -= size
+    if left > 0:
+        pieces.append(shapes[-1])
+    return pieces
+
+
 def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
                   isolated, chunk, bar, mesh=None):
-    """Runs the jitted pipeline over blends in pieces of `chunk` (the last one padded, so that
-    one compilation per FFT size serves every batch), updating the progress bar.
+    """Runs the jitted pipeline over blends in `_pieces` of at most `chunk` (the last one
+    padded, so that a few compilations per FFT size serve every batch), updating the progress
+    bar. Returns host (numpy) arrays.
 
     With a `mesh`, pieces hold ``chunk`` blends per device (padded likewise), laid out over the
     mesh's "blend" axis."""
@@ -653,19 +716,19 @@ def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec
     n = len(blend_ids)
     blends = jax.tree.map(np.asarray, blends)
     blend_ids = np.asarray(blend_ids)
-    images, isos = [], []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        take = np.arange(start, start + chunk).clip(max=stop - 1)  # pad with the last blend
-        part = jax.tree.map(lambda a, t=take: jnp.asarray(a[t]), blends)
-        img, iso = _pipeline(part, jnp.asarray(blend_ids[take]), arrays, fluxes, psf_k, sky,
-                             noise_key, spec, mode, isolated, chunk)
-        images.append(img[: stop - start])
-        if isolated:
-            isos.append(iso[: stop - start])
+    outs = []
+    start = 0
+    for piece in _pieces(n, chunk):
+        stop = min(start + piece, n)
+        take = np.arange(start, start + piece).clip(max=stop - 1)  # pad with the last blend
+        part = jax.tree.map(lambda a, t=take: a[t], blends)
+        outs.append((_pipeline(part, blend_ids[take], arrays, fluxes, psf_k, sky, noise_key,
+                               spec, mode, isolated, piece), stop - start))
         bar.update(stop - start)
-    images = jnp.concatenate(images) if len(images) > 1 else images[0]
-    iso = (jnp.concatenate(isos) if len(isos) > 1 else isos[0]) if isolated else None
+        start = stop
+    # all pieces are dispatched before the first is read back (JAX runs them asynchronously)
+    images = np.concatenate([np.asarray(img)[:k] for (img, _), k in outs])
+    iso = np.concatenate([np.asarray(i)[:k] for (_, i), k in outs]) if isolated else None
     return images, iso
 
 
@@ -697,6 +760,25 @@ def _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_k
     images = np.concatenate([np.asarray(a)[:k] for a, k in images])
     iso = np.concatenate([np.asarray(a)[:k] for a, k in isos]) if isolated else None
     return images, iso
+
+
+@partial(jax.jit, donate_argnums=0)
+def _accumulate(total, images, rows, weight):
+    """``total[rows[i]] += weight[i] * images[i]`` (in place: `total` is donated)."""
+    return total.at[rows].add((images * weight[:, None, None, None]).astype(total.dtype))
+
+
+@partial(jax.jit, static_argnames=("mode", "chunk"))
+def _noise_device(noise_key, blend_ids, images, sky, mode, chunk):
+    """`add_noise` over a batch in pieces of `chunk` blends (bounded memory); each blend's noise
+    depends only on its key, so the result is `add_noise` of the whole batch."""
+    n = images.shape[0]
+    pad = (-n) % chunk
+    imgs = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
+    ids = jnp.pad(jnp.asarray(blend_ids), (0, pad), mode="edge")
+    out = jax.lax.map(lambda a: add_noise(noise_key, a[0], a[1], sky, mode),
+                      (ids.reshape(-1, chunk), imgs.reshape((-1, chunk) + images.shape[1:])))
+    return out.reshape((-1,) + images.shape[1:])[:n]
 
 
 class _NoBar:

@@ -107,7 +107,7 @@ def exponential_kvalue(ksq, hlr):
     ksq, hlr = _asf(ksq, hlr)
     r0 = hlr / EXPONENTIAL_HLR_FACTOR
     t = 1.0 + ksq * r0 * r0
-    return t ** (-1.5)
+    return jax.lax.rsqrt(t) / t  # t^(-3/2) without pow (several times faster on CPU)
 
 
 def point_kvalue(ksq):

@@ -261,21 +261,68 @@ def _profile_kvalue(kind: str, ksq, hlr, n):
     raise ValueError(f"Unknown component kind {kind!r}")  # pragma: no cover
 
 
-def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
-    """Per-galaxy component transforms of one blend on the evaluation grid, in real arithmetic.
+def _grid_blocks(spec: RenderSpec):
+    """The evaluation grid cut into four blocks that land directly on the rfft grid.
 
-    XLA's CPU code for complex arrays is several times slower than for pairs of real arrays, so
-    the phase exp(-i k.x0) is carried as its cosine and sine.
-
-    Args:
-        sources: fields of ONE blend ([slot, ...]).
+    Block 0 holds, for every rfft row and column, the primary alias (ky index r for r <= N/2,
+    r - N above; kx index 0 .. N/2), so it IS the rfft layout [N, N/2 + 1] and needs no copy.
+    The other blocks hold the remaining aliases (ky indices beyond, kx indices -Mx .. -N/2) and
+    are added onto contiguous row / column ranges of block 0: the same sum as `_fold`, without
+    materializing the extended grid.
 
     Returns:
-        (shape [slot, comp, Ry, Cx], cos [slot, Ry, Cx], sin [slot, Ry, Cx]): the component
-        transforms (real: the profiles are centered and symmetric) and the shift phases, with
-        transform = shape * (cos - i sin).
+        list of (y_pos, x_pos, row_slice, col_slice): positions of the block's rows and columns
+        in the evaluation grid (`RenderSpec.y_indices`, `x_indices`), and where it is added.
     """
-    dtype = kx.dtype
+    n = spec.fft_size
+    half = n // 2
+    e = spec.y_extent
+    nf = spec.n_folded_x
+    prim_rows = np.r_[0 : half + 1, -half + 1 : 0]  # ky indices in rfft row order
+    extra_rows = np.r_[n - e - n : half + 1 - n, half + 1 : e + 1]  # target rows N - E .. E
+    base_cols = np.arange(half + 1)
+    rows = (slice(None), slice(n - e, e + 1))
+    y_prim, y_extra = prim_rows + e, extra_rows + e
+    x_base = base_cols + nf
+    blocks = [(y_prim, x_base, slice(None), slice(None)), (y_extra, x_base, rows[1], slice(None))]
+    if nf:
+        x_extra = np.arange(nf)  # kx indices -Mx .. -N/2, target columns N - Mx .. N/2
+        cols = slice(half + 1 - nf, half + 1)
+        blocks += [(y_prim, x_extra, slice(None), cols), (y_extra, x_extra, rows[1], cols)]
+    return blocks
+
+
+def _split_psf(psf_k, spec: RenderSpec):
+    """`psf_k` [..., Ry, Cx] on the evaluation grid, cut into the `_grid_blocks`."""
+    return [psf_k[..., yp, :][..., xp] for yp, xp, _, _ in _grid_blocks(spec)]
+
+
+def _assemble(block_values, spec: RenderSpec):
+    """Sums the per-block (re, im) pairs onto the rfft grid and returns the complex k-image.
+
+    The alias blocks are zero-padded to the grid and added (XLA fuses the pads, the sums and
+    the complex assembly into one pass over the grid)."""
+    blocks = _grid_blocks(spec)
+    n, half = spec.fft_size, spec.fft_size // 2
+    re, im = block_values(0)
+    for b in range(1, len(blocks)):
+        _, _, rs, cs = blocks[b]
+        rb, ib = block_values(b)
+        r0, r1 = (0, n) if rs == slice(None) else (rs.start, rs.stop)
+        c0, c1 = (0, half + 1) if cs == slice(None) else (cs.start, cs.stop)
+        pad = [(0, 0)] * (rb.ndim - 2) + [(r0, n - r1), (c0, half + 1 - c1)]
+        re = re + jnp.pad(rb, pad)
+        im = im + jnp.pad(ib, pad)
+    return jax.lax.complex(re, im)
+
+
+def _galaxy_geometry(sources: Sources):
+    """Per-galaxy component quadratic forms and sanitized radii (one blend, [slot, ...]).
+
+    Returns:
+        (mxx, mxy, myy [slot, comp]: |A^T k|^2 = mxx kx^2 + 2 mxy kx ky + myy ky^2;
+        hlr, n [slot, comp] safe to evaluate on absent components).
+    """
     safe = sources.mask[:, None] & (sources.flux.sum(axis=1) != 0)  # [slot, comp]
     # Sanitize parameters of absent components so that values and gradients stay finite.
     hlr = jnp.where(safe, sources.hlr, 1.0)
@@ -285,9 +332,28 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
     g2 = jnp.where(sources.mask, sources.g2, 0.0)
     whole = _shear_matrix(g1, g2) @ _rotation_matrix(sources.rotation)  # [slot, 2, 2]
     a_mat = whole[:, None] @ _component_matrix(q, sources.beta)  # [slot, comp, 2, 2]
-    # |A^T k|^2 = k^T (A A^T) k
     m = a_mat @ jnp.swapaxes(a_mat, -1, -2)
-    mxx, mxy, myy = m[..., 0, 0], m[..., 0, 1], m[..., 1, 1]
+    return m[..., 0, 0], m[..., 0, 1], m[..., 1, 1], hlr, n
+
+
+def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky, geometry=None):
+    """Per-galaxy component transforms of one blend on a (ky x kx) grid, in real arithmetic.
+
+    XLA's CPU code for complex arrays is several times slower than for pairs of real arrays, so
+    the phase exp(-i k.x0) is carried as its cosine and sine.
+
+    Args:
+        sources: fields of ONE blend ([slot, ...]).
+        kx, ky: 1-D wavenumbers (rad/arcsec) of the grid's columns and rows.
+        geometry: `_galaxy_geometry(sources)`, when already computed.
+
+    Returns:
+        (shape [slot, comp, Ry, Cx], cos [slot, Ry, Cx], sin [slot, Ry, Cx]): the component
+        transforms (real: the profiles are centered and symmetric) and the shift phases, with
+        transform = shape * (cos - i sin).
+    """
+    dtype = kx.dtype
+    mxx, mxy, myy, hlr, n = geometry if geometry is not None else _galaxy_geometry(sources)
     kx2 = (kx * kx)[None, :]
     ky2 = (ky * ky)[:, None]
     kxy = ky[:, None] * kx[None, :]
@@ -308,10 +374,14 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky):
     origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
     ax = kx[None, :] * (sources.dx[:, None] - origin)  # [slot, Cx]
     ay = ky[None, :] * (sources.dy[:, None] - origin)  # [slot, Ry]
-    cx, sx = jnp.cos(ax)[:, None, :], jnp.sin(ax)[:, None, :]
-    cy, sy = jnp.cos(ay)[:, :, None], jnp.sin(ay)[:, :, None]
-    cos = cy * cx - sy * sx  # cos(ax + ay)
-    sin = sy * cx + cy * sx  # sin(ax + ay)
+    # cos(ax + ay) and sin(ax + ay) as outer products contracted over (cos, sin) pairs: as dots
+    # they are computed once, where elementwise products would let XLA fuse the 1-D sines and
+    # cosines into the 2-D loop and recompute them at every k point (3x the whole render).
+    tx = jnp.stack([jnp.cos(ax), jnp.sin(ax)], axis=1)  # [slot, 2, Cx]
+    ty_cos = jnp.stack([jnp.cos(ay), -jnp.sin(ay)], axis=2)  # [slot, Ry, 2]
+    ty_sin = jnp.stack([jnp.sin(ay), jnp.cos(ay)], axis=2)
+    cos = jnp.einsum("syt,stx->syx", ty_cos, tx)
+    sin = jnp.einsum("syt,stx->syx", ty_sin, tx)
     return shape_k, cos, sin
 
 
@@ -327,29 +397,46 @@ def _times_psf(re, im, psf_k):
     return re * psf_k, -im * psf_k
 
 
-def _render_one(sources: Sources, psf_k: jax.Array, spec: RenderSpec, isolated: bool):
-    """One blend: [band, S, S] and, if isolated, [slot, band, S, S]."""
+def _render_one(sources: Sources, psf_blocks, spec: RenderSpec, isolated: bool):
+    """One blend: [band, S, S] and, if isolated, [slot, band, S, S].
+
+    `psf_blocks`: the PSF x pixel transfer function cut by `_split_psf`.
+    """
     dtype = sources.flux.dtype
-    kx, ky = kgrid(spec, dtype=dtype)
-    shape_k, cos, sin = _galaxy_kvalues(sources, spec, kx, ky)
     flux = _band_fluxes(sources, dtype)  # [slot, band, comp]
-    t_cos = shape_k * cos[:, None]  # [slot, comp, Ry, Cx]
-    t_sin = shape_k * sin[:, None]
-    if not isolated:
-        # Sum over galaxies and components as real matrix products:
-        # [band, slot * comp] x [slot * comp, Ry * Cx], no [slot, band, k] intermediate.
-        n_slot, n_band, n_comp = flux.shape
-        w = jnp.transpose(flux, (1, 0, 2)).reshape(n_band, n_slot * n_comp)
+    geometry = _galaxy_geometry(sources)
+    blocks = _grid_blocks(spec)
+    n_slot, n_band, n_comp = flux.shape
+    # Sum over galaxies and components as real matrix products:
+    # [band, slot * comp] x [slot * comp, Ry * Cx], no [slot, band, k] intermediate.
+    w = jnp.transpose(flux, (1, 0, 2)).reshape(n_band, n_slot * n_comp)
+
+    def block_values(b):
+        yp, xp = blocks[b][:2]
+        kx = jnp.asarray(spec.x_indices[xp] * spec.dk, dtype)
+        ky = jnp.asarray(spec.y_indices[yp] * spec.dk, dtype)
+        shape_k, cos, sin = _galaxy_kvalues(sources, spec, kx, ky, geometry)
         grid = shape_k.shape[2:]
+        if n_slot == 1 and not isolated:
+            # One galaxy (the generators' galaxy-by-galaxy path): sum the components per band
+            # first, then one pass applies the phase and the PSF.
+            band_k = (w @ shape_k.reshape(n_comp, -1)).reshape((n_band,) + grid)
+            return _times_psf(band_k * cos, band_k * sin, psf_blocks[b])
+        t_cos = shape_k * cos[:, None]  # [slot, comp, Ry, Cx]
+        t_sin = shape_k * sin[:, None]
+        if isolated:
+            re = jnp.einsum("sbc,scyx->sbyx", flux, t_cos)
+            im = jnp.einsum("sbc,scyx->sbyx", flux, t_sin)
+            return _times_psf(re, im, psf_blocks[b][None])
         re = (w @ t_cos.reshape(n_slot * n_comp, -1)).reshape((n_band,) + grid)
         im = (w @ t_sin.reshape(n_slot * n_comp, -1)).reshape((n_band,) + grid)
-        re, im = _times_psf(re, im, psf_k)
-        return _to_stamp(jax.lax.complex(_fold(re, spec), _fold(im, spec)), spec), None
-    re = jnp.einsum("sbc,scyx->sbyx", flux, t_cos)
-    im = jnp.einsum("sbc,scyx->sbyx", flux, t_sin)
-    re, im = _times_psf(re, im, psf_k[None])
+        return _times_psf(re, im, psf_blocks[b])
+
+    kimage = _assemble(block_values, spec)
+    if not isolated:
+        return _to_stamp(kimage, spec), None
     # One transform per galaxy and band; the blend is their sum (linearity of the FFT).
-    iso = _to_stamp(jax.lax.complex(_fold(re, spec), _fold(im, spec)), spec)
+    iso = _to_stamp(kimage, spec)
     iso = jnp.where(sources.mask[:, None, None, None], iso, 0.0)
     return iso.sum(axis=0), iso
 
@@ -378,14 +465,14 @@ def render(
     """
     per_blend_psf = psf_k.ndim == 4
 
-    def one(args):
-        src, psf = args
-        return _render_one(src, psf, spec, isolated)
-
     if per_blend_psf:
-        xs = (sources, psf_k)
-        return jax.lax.map(one, xs, batch_size=chunk)
-    return jax.lax.map(lambda src: _render_one(src, psf_k, spec, isolated), sources,
+        def one(args):
+            src, psf = args
+            return _render_one(src, _split_psf(psf, spec), spec, isolated)
+
+        return jax.lax.map(one, (sources, psf_k), batch_size=chunk)
+    psf_blocks = _split_psf(psf_k, spec)
+    return jax.lax.map(lambda src: _render_one(src, psf_blocks, spec, isolated), sources,
                        batch_size=chunk)
 
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from btkjax.noise import POISSON_EXACT_BELOW, _poisson, add_noise, check_noise_mode
+from btkjax.noise import (
+    POISSON_EXACT_BELOW,
+    _poisson,
+    add_noise,
+    check_noise_mode,
+    normal,
+    threefry_bits,
+)
 from btkjax.tolerances import NOISE_N_SIGMA
 
 
@@ -52,7 +59,8 @@ def test_pixel_moments_match_poisson(images, mode):
 def test_sampler_cdf_close_to_poisson():
     """Both branches of the sampler against scipy's Poisson CDF (KS distance)."""
     for rate in (0.7, 12.0, POISSON_EXACT_BELOW - 1, POISSON_EXACT_BELOW, 3e3, 1e5):
-        x = np.asarray(_poisson(jax.random.key(7), jnp.full(200_000, rate), jnp.float64))
+        x = np.asarray(_poisson(jax.random.key(7)[None], jnp.full((1, 200_000), rate),
+                                jnp.float64))[0]
         values, counts = np.unique(x, return_counts=True)
         emp = np.cumsum(counts) / x.size
         dist = np.abs(emp - stats.poisson.cdf(values, rate)).max()
@@ -79,3 +87,17 @@ def test_same_key_same_noise_and_batch_invariance():
 def test_bad_mode():
     with pytest.raises(ValueError, match=r"add_noise must be one of .*'al'"):
         check_noise_mode("al")
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 1000, 86_401])
+def test_threefry_normals_are_jax_random_bit_for_bit(count):
+    """The unrolled Threefry is JAX's hash: the same words and normals as jax.random (default,
+    partitionable layout), in float32 and float64, for odd and even counts."""
+    key = jax.random.fold_in(jax.random.key(5), count)
+    with jax.threefry_partitionable(True):
+        ref_bits = np.asarray(jax.random.bits(key, (count,), jnp.uint32))
+        refs = {dt: np.asarray(jax.random.normal(key, (count,), dt))
+                for dt in (jnp.float32, jnp.float64)}
+    np.testing.assert_array_equal(np.asarray(threefry_bits(key, count)), ref_bits)
+    for dt, ref in refs.items():
+        np.testing.assert_array_equal(np.asarray(normal(key, (count,), dt)), ref)
