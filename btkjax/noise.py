@@ -157,10 +157,10 @@ def _poisson_inversion(key, rate):
 def _cornish_fisher(key_normal, rate, dtype):
     """Poisson deviates of rates >= POISSON_EXACT_BELOW from one normal deviate each."""
     z = jax.vmap(lambda k: normal(k, rate.shape[1:], dtype))(key_normal)
-    sd = jnp.sqrt(rate)
+    inv_sd = jax.lax.rsqrt(rate)
     # Cornish-Fisher: skewness 1/sqrt(rate), excess kurtosis 1/rate; + 0.5 and floor rounds the
     # continuous quantile to the Poisson's integer (continuity correction).
-    quantile = rate + sd * z + (z * z - 1) / 6 + (z**3 - 7 * z) / (72 * sd)
+    quantile = rate + rate * inv_sd * z + (z * z - 1) / 6 + (z * z - 7) * z * inv_sd / 72
     return jnp.maximum(jnp.floor(quantile + 0.5), 0.0).astype(dtype)
 
 
