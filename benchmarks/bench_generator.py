@@ -11,7 +11,7 @@ Job: LSST, 6 bands, 24 arcsec stamps, the embedded default catalog, DefaultSampl
   (njobs=1) on the same catalog file, run in its own virtual environment (``make bench-btk``
   creates .bench-btk), timed in a subprocess during the same run.
 
-    python benchmarks/bench_generator.py [--batch-size 100] [--batches 3] [--btk-python PATH]
+    python benchmarks/bench_generator.py [--batch-size 100] [--batches 8] [--btk-python PATH]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ BTK_SCRIPT = textwrap.dedent(
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--btk-batch-size", type=int, default=20)
     parser.add_argument("--btk-python", default=os.path.join(os.path.dirname(__file__), "..",
                                                              ".bench-btk", "bin", "python"))

@@ -685,21 +685,15 @@ def _sharded_pipeline(mesh, spec, mode, isolated, chunk):
 
 def _pieces(n: int, chunk: int) -> list[int]:
     """Sizes of the compiled calls that cover `n` items with at most `chunk` per call: full
-    calls of `chunk`, then the remainder in halves (chunk / 2, / 4, / 8), the last one padded.
-    At most four shapes per FFT size are ever compiled, and padding stays below chunk / 8 (a
-    galaxy drawn in a rare, large box is not drawn `chunk` times over)."""
-    shapes = sorted({max(1, chunk >> j) for j in range(4)}, reverse=True)
-    pieces, left = [], n
-    while left >= chunk:
-        pieces.append(chunk)
-        left -= chunk
-    for size in shapes[1:]:
-        if left >= size:
-            pieces.append(size)
-            left -= size
-    if left > 0:
-        pieces.append(shapes[-1])
-    return pieces
+    calls of `chunk`, then the remainder in calls of ``chunk // 8`` (the last one padded); one
+    item per call when `chunk` <= 2. At most two shapes per FFT size ever compile (a rare size
+    only one), and padding stays below chunk / 8: a galaxy drawn in a rare, large box is not
+    drawn `chunk` times over."""
+    if chunk <= 2:
+        return [1] * n
+    small = max(1, chunk // 8)
+    full, rest = divmod(n, chunk)
+    return [chunk] * full + [small] * (-(-rest // small))
 
 
 def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
