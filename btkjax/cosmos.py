@@ -81,7 +81,7 @@ from btkjax.catalog import Catalog, CatalogError
 from btkjax.draw_blends import DrawBlendsGenerator
 from btkjax.galaxies import CatalogArrays
 from btkjax.noise import add_noise
-from btkjax.render import RenderSpec, _fold, _to_stamp, kgrid
+from btkjax.render import RenderSpec, _fold, _to_stamp, kgrid, shift_phases
 
 __all__ = [
     "COSMOS_PIXEL_SCALE",
@@ -568,10 +568,8 @@ def _real_kvalues(src: RealSources, tables: RealTables, tspec: RealTableSpec, sp
 
     shape_k = jax.vmap(one)(a, src.index)  # [slot, Ry, Cx]
     flux = jnp.where(src.mask[:, None], src.flux, 0.0).astype(kx.dtype)
-    origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
-    phase_x = jnp.exp(-1j * kx[None, :] * (src.dx[:, None] - origin))
-    phase_y = jnp.exp(-1j * ky[None, :] * (src.dy[:, None] - origin))
-    shape_k = shape_k * phase_y[:, :, None] * phase_x[:, None, :]
+    cos, sin = shift_phases(src.dx, src.dy, kx, ky, spec)
+    shape_k = shape_k * jax.lax.complex(cos, -sin).astype(shape_k.dtype)
     return flux[:, :, None, None] * shape_k[:, None]
 
 

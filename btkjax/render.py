@@ -53,6 +53,7 @@ __all__ = [
     "render",
     "render_blends",
     "good_fft_size",
+    "shift_phases",
 ]
 
 COMPONENT_KINDS = ("exponential", "devaucouleurs", "sersic", "point", "gaussian")
@@ -336,6 +337,24 @@ def _galaxy_geometry(sources: Sources):
     return m[..., 0, 0], m[..., 0, 1], m[..., 1, 1], hlr, n
 
 
+def shift_phases(dx, dy, kx, ky, spec: RenderSpec):
+    """cos and sin of k.(x0 - origin) for sources at (dx, dy) arcsec ([slot]) on a (ky x kx)
+    grid: [slot, Ry, Cx] each; the transform of the shifted source is ``F(k) (cos - i sin)``.
+
+    FFT sample 0 is stamp pixel 0, at -(S - 1) / 2 pixels from the stamp's true center. The 2-D
+    grids are outer products contracted over (cos, sin) pairs: as dots they are computed once,
+    where elementwise products let XLA fuse the 1-D sines and cosines into the 2-D loops that
+    use them and recompute them at every k point (3x the cost of a whole render).
+    """
+    origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
+    ax = kx[None, :] * (dx[:, None] - origin)  # [slot, Cx]
+    ay = ky[None, :] * (dy[:, None] - origin)  # [slot, Ry]
+    tx = jnp.stack([jnp.cos(ax), jnp.sin(ax)], axis=1)  # [slot, 2, Cx]
+    ty_cos = jnp.stack([jnp.cos(ay), -jnp.sin(ay)], axis=2)  # [slot, Ry, 2]
+    ty_sin = jnp.stack([jnp.sin(ay), jnp.cos(ay)], axis=2)
+    return jnp.einsum("syt,stx->syx", ty_cos, tx), jnp.einsum("syt,stx->syx", ty_sin, tx)
+
+
 def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky, geometry=None):
     """Per-galaxy component transforms of one blend on a (ky x kx) grid, in real arithmetic.
 
@@ -370,18 +389,7 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky, geometry=None):
         value = _profile_kvalue(kind, ksq, hlr[:, c, None, None], n[:, c, None, None])
         comps.append(value.astype(dtype))
     shape_k = jnp.stack(comps, axis=1)  # [slot, comp, Ry, Cx] real
-    # FFT sample 0 is stamp pixel 0, at -(S - 1) / 2 pixels from the stamp's true center.
-    origin = -(spec.stamp_pixels - 1) / 2 * spec.pixel_scale
-    ax = kx[None, :] * (sources.dx[:, None] - origin)  # [slot, Cx]
-    ay = ky[None, :] * (sources.dy[:, None] - origin)  # [slot, Ry]
-    # cos(ax + ay) and sin(ax + ay) as outer products contracted over (cos, sin) pairs: as dots
-    # they are computed once, where elementwise products would let XLA fuse the 1-D sines and
-    # cosines into the 2-D loop and recompute them at every k point (3x the whole render).
-    tx = jnp.stack([jnp.cos(ax), jnp.sin(ax)], axis=1)  # [slot, 2, Cx]
-    ty_cos = jnp.stack([jnp.cos(ay), -jnp.sin(ay)], axis=2)  # [slot, Ry, 2]
-    ty_sin = jnp.stack([jnp.sin(ay), jnp.cos(ay)], axis=2)
-    cos = jnp.einsum("syt,stx->syx", ty_cos, tx)
-    sin = jnp.einsum("syt,stx->syx", ty_sin, tx)
+    cos, sin = shift_phases(sources.dx, sources.dy, kx, ky, spec)
     return shape_k, cos, sin
 
 
