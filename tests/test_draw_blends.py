@@ -61,6 +61,8 @@ def test_same_seed_same_batches_and_different_seed_differs(catsim_sample):
     next(gen_small)
     second = next(gen_small)
     np.testing.assert_array_equal(second["blend_images"], a["blend_images"][2:4])
+    # bit for bit, isolated images too (each galaxy size and kind has one program)
+    np.testing.assert_array_equal(second["isolated_images"], a["isolated_images"][2:4])
     np.testing.assert_array_equal(second["blend_list"][1]["ra"], a["blend_list"][3]["ra"])
 
 
