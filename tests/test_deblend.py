@@ -11,6 +11,9 @@ from btkjax import deblend as D
 from btkjax.noise import add_noise
 from btkjax.render import psf_kimage_from_galsim
 from btkjax.tolerances import (
+    DEBLEND_ERRORS_CRB_MEDIAN_RTOL,
+    DEBLEND_ERRORS_CRB_SPREAD_RTOL,
+    DEBLEND_ERRORS_HESSIAN_RTOL,
     DEBLEND_NOISELESS_RTOL,
     DEBLEND_PULL_MEAN_ATOL,
     DEBLEND_PULL_WIDTH_RTOL,
@@ -50,36 +53,69 @@ def _rel_errors(fit, true):
     return out
 
 
-def _perturbed(true, rel=0.08, shift=0.4):
-    """Truth with every parameter moved: fluxes and sizes by `rel`, positions by `shift` pixels,
-    shears by `rel` (absolute)."""
-    signs = np.array([[1.0, -1.0]])
-    return true._replace(
-        x=true.x + shift * signs, y=true.y - shift * signs,
-        flux=true.flux * (1 + rel * signs[..., None]), hlr=true.hlr * (1 - rel * signs),
-        g1=true.g1 + rel * signs, g2=true.g2 - rel * signs,
-    )
+def _detections(true, mask=None):
+    """The true centers rounded to whole pixels, as SEP would give."""
+    mask = np.ones(np.shape(true.x), bool) if mask is None else np.asarray(mask)
+    return np.round(np.asarray(true.x)), np.round(np.asarray(true.y)), mask
+
+
+def _assert_recovered(res, true):
+    """The fit recovers every parameter of a noiseless blend; the initialization was off."""
+    init_err = _rel_errors(res.init, true)
+    err = _rel_errors(res.galaxies, true)
+    # every parameter had to move (by more than 10x the tolerance) and ends within it
+    assert min(init_err.values()) > 10 * DEBLEND_NOISELESS_RTOL, init_err
+    assert max(err.values()) < DEBLEND_NOISELESS_RTOL, err
+    assert np.all(np.asarray(res.chi2) < 1e-6)
+    assert np.all(np.asarray(res.status) == D.STATUS_CONVERGED)
 
 
 def test_noiseless_recovery(setup):
+    """A pair 4.8 pixels (0.96", 1.3 FWHM) apart, fitted from `init_galaxies` (no override)."""
     spec, psf_k = setup
     true = _pair()
+    image = D.model_images(true, jnp.ones((1, 2), bool), psf_k, spec).sum(axis=1)
+    res = D.fit_blends(image, _detections(true), psf_k, spec, SKY, rtol=1e-13, errors=False)
+    _assert_recovered(res, true)
+
+
+def test_noiseless_recovery_close_pair(setup):
+    """A closer pair: 3.05 pixels (0.61", 0.8 FWHM of the bands' 0.7" and 0.8" PSFs) apart,
+    whose detections (rounded centers) are 2.2 pixels apart."""
+    spec, psf_k = setup
+    true = _pair()._replace(x=jnp.array([[10.5, 13.3]]), y=jnp.array([[11.75, 12.95]]))
+    image = D.model_images(true, jnp.ones((1, 2), bool), psf_k, spec).sum(axis=1)
+    res = D.fit_blends(image, _detections(true), psf_k, spec, SKY, rtol=1e-13, errors=False)
+    _assert_recovered(res, true)
+
+
+def test_missed_galaxy_is_added_from_the_residual(setup):
+    """Only the first galaxy of the pair is detected: the residual of the one-galaxy fit shows
+    the second, which is added and the pair recovered; an isolated galaxy gets nothing added.
+    (Ten times the fluxes of `_pair`: at `_pair`'s, the residual of the one-galaxy fit peaks at
+    a matched-filter S/N of 3.5, below the threshold of 5.)"""
+    spec, psf_k = setup
+    pair = _pair(scale=10.0)
+    alone = jax.tree.map(lambda a: a[:, :1], pair)
     mask = jnp.ones((1, 2), bool)
-    image = D.model_images(true, mask, psf_k, spec).sum(axis=1)
-    init = _perturbed(true)
-    # detections (anchors): the true centers rounded to whole pixels, as SEP would give
-    x0, y0 = np.round(np.asarray(true.x)), np.round(np.asarray(true.y))
-    res = D.fit_blends(image, (x0, y0, np.ones((1, 2), bool)), psf_k, spec, SKY, init=init,
-                       rtol=1e-13)
-    init_err = _rel_errors(res.init, true)
-    err = _rel_errors(res.galaxies, true)
-    assert min(init_err.values()) > 0.05  # every parameter had to move
+    images = jnp.concatenate([
+        D.model_images(pair, mask, psf_k, spec).sum(axis=1),
+        D.model_images(alone, mask[:, :1], psf_k, spec).sum(axis=1),
+    ])
+    x, y, _ = _detections(pair)
+    det = (np.repeat(x, 2, 0), np.repeat(y, 2, 0), np.array([[True, False], [True, False]]))
+    res = D.fit_blends(images, det, psf_k, spec, SKY, rtol=1e-13, add_sources=1, errors=False)
+    assert np.asarray(res.added).tolist() == [[False, True], [False, False]]
+    assert np.asarray(res.status).tolist() == [D.STATUS_ADDED, D.STATUS_CONVERGED]
+    err = _rel_errors(jax.tree.map(lambda a: a[:1], res.galaxies), pair)
     assert max(err.values()) < DEBLEND_NOISELESS_RTOL, err
-    assert float(res.chi2[0]) < 1e-6
+    one = jax.tree.map(lambda a: a[1:, :1], res.galaxies)
+    assert max(_rel_errors(one, alone).values()) < DEBLEND_NOISELESS_RTOL
 
 
 def test_pulls_match_cramer_rao(setup):
-    """120 Poisson realizations of an isolated galaxy in one vmapped fit: pulls ~ N(0, 1)."""
+    """120 Poisson realizations of an isolated galaxy (in a 2-slot blend, one slot empty):
+    pulls ~ N(0, 1), and the fit's own Fisher errors are the Cramer-Rao bound."""
     spec, psf_k = setup
     true = D.Galaxies(x=jnp.array([[11.3]]), y=jnp.array([[12.6]]),
                       flux=jnp.array([[[6000.0, 8000.0]]]), hlr=jnp.array([[0.45]]),
@@ -109,13 +145,26 @@ def test_pulls_match_cramer_rao(setup):
     scores = np.asarray(jax.vmap(jax.grad(nll), in_axes=(None, 0))(v0, noisy))
     lin = -scores @ crb.T / sigma
 
-    x0 = np.full((n_real, 1), np.round(float(true.x[0, 0])))
-    y0 = np.full((n_real, 1), np.round(float(true.y[0, 0])))
-    res = D.fit_blends(noisy, (x0, y0, np.ones((n_real, 1), bool)), psf_k, spec, SKY)
+    def flat(g):  # [blend, 7] of the first slot
+        return np.concatenate([np.asarray(g.x)[:, :1], np.asarray(g.y)[:, :1],
+                               np.asarray(g.flux)[:, 0], np.asarray(g.hlr)[:, :1],
+                               np.asarray(g.g1)[:, :1], np.asarray(g.g2)[:, :1]], axis=1)
+
+    # The Fisher errors code at the truth on the noiseless image, where the observed and the
+    # expected information are the same matrix: jax.hessian's CRB, through a 2-slot blend.
+    truth2 = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=1), true)
+    mask2 = jnp.array([[True, False]])
+    for information in ("expected", "observed"):
+        e, ok = D.fisher_errors(truth2, mask2, image, psf_k, spec, SKY, information=information)
+        assert bool(ok[0])
+        np.testing.assert_allclose(flat(e)[0], sigma, rtol=DEBLEND_ERRORS_HESSIAN_RTOL)
+        assert np.all(np.isnan(np.asarray(e.x)[0, 1]))  # the empty slot
+
+    x0, y0, _ = _detections(truth2)
+    res = D.fit_blends(noisy, (x0.repeat(n_real, 0), y0.repeat(n_real, 0),
+                               np.repeat(np.asarray(mask2), n_real, 0)), psf_k, spec, SKY)
     assert np.mean(np.asarray(res.status) == D.STATUS_CONVERGED) > 0.95
-    g = res.galaxies
-    est = np.concatenate([g.x, g.y, np.asarray(g.flux).reshape(n_real, 2), g.hlr, g.g1, g.g2],
-                         axis=1)
+    est = flat(res.galaxies)
     pull = (est - np.asarray(v0)) / sigma
     flux_and_shape = np.array([2, 3, 5, 6])
     bias = (pull - lin).mean(axis=0)[flux_and_shape]
@@ -126,6 +175,23 @@ def test_pulls_match_cramer_rao(setup):
     # the raw pull means, whose own standard error is 1 / sqrt(120) = 0.09
     raw = pull.mean(axis=0)[flux_and_shape]
     assert np.all(np.abs(raw) < DEBLEND_PULL_MEAN_ATOL + 3 / np.sqrt(n_real)), raw
+
+    # The errors the fit reports (Fisher matrix at each fit) against the CRB at the truth,
+    # and the pulls of every parameter with the reported errors.
+    reported = flat(res.errors)
+    ratio = reported / sigma
+    print("reported / CRB: median", np.median(ratio, axis=0), "min", ratio.min(axis=0),
+          "max", ratio.max(axis=0))
+    assert np.all(np.abs(np.median(ratio, axis=0) - 1) < DEBLEND_ERRORS_CRB_MEDIAN_RTOL)
+    assert np.all(np.abs(ratio - 1) < DEBLEND_ERRORS_CRB_SPREAD_RTOL)
+    assert np.all(np.isnan(np.asarray(res.errors.flux)[:, 1]))
+    pull_rep = (est - np.asarray(v0)) / reported
+    bias_rep = (pull_rep - lin * sigma / reported).mean(axis=0)
+    width_rep = pull_rep.std(axis=0)
+    print("reported-error pulls: bias", bias_rep, "width", width_rep)
+    assert np.all(np.abs(bias_rep) < DEBLEND_PULL_MEAN_ATOL), bias_rep
+    assert np.all(np.abs(width_rep - 1) < DEBLEND_PULL_WIDTH_RTOL), width_rep
+    assert np.all(np.abs(pull_rep.mean(axis=0)) < DEBLEND_PULL_MEAN_ATOL + 3 / np.sqrt(n_real))
 
 
 def test_bad_inputs_give_statuses_not_crashes(setup):
@@ -141,7 +207,8 @@ def test_bad_inputs_give_statuses_not_crashes(setup):
         np.array([[x0[0], y0[0]], [-30.0, 4.0]]),  # one detection outside the stamp
         np.stack([x0, y0], -1),  # NaN pixel
     ]
-    res = D.fit_blends(jnp.asarray(images), detections, psf_k, spec, SKY)
+    # four blends per compiled call (vmapped: the accelerators' path)
+    res = D.fit_blends(jnp.asarray(images), detections, psf_k, spec, SKY, chunk=4, errors=False)
     status = np.asarray(res.status)
     assert status[0] & ~D.STATUS_MAX_STEPS == 0
     assert status[1] & ~D.STATUS_NO_DETECTIONS == 0
@@ -150,15 +217,60 @@ def test_bad_inputs_give_statuses_not_crashes(setup):
     assert status[3] & D.STATUS_NONFINITE
     assert np.asarray(res.mask).tolist() == [[True, True], [False, False], [True, False],
                                              [True, True]]
-    # the good blend's fit is the one it gets alone: its neighbours in the batch do not matter
-    alone = D.fit_blends(jnp.asarray(images[:1]), detections[:1], psf_k, spec, SKY)
-    for a, b in zip(res.galaxies, alone.galaxies, strict=True):
-        # vmapped vs single-blend XLA reductions differ in summation order only
-        np.testing.assert_allclose(np.asarray(a)[:1], np.asarray(b), rtol=1e-6, atol=1e-9)
-    assert int(res.n_steps[0]) == int(alone.n_steps[0]) > 0
+    # the good blend's fit is the one it gets alone (padded with empty blends): its neighbours
+    # in the batch do not matter
+    alone = D.fit_blends(jnp.asarray(images[:1]), detections[:1], psf_k, spec, SKY, chunk=4,
+                         errors=False)
+    # and one blend per call (the CPU's path) gives the same fit
+    single = D.fit_blends(jnp.asarray(images[:1]), detections[:1], psf_k, spec, SKY, chunk=1)
+    for other in (alone, single):
+        for a, b in zip(res.galaxies, other.galaxies, strict=True):
+            # XLA's batched reductions differ in summation order only (~1e-8 relative, which
+            # moves the stopping rule by a few of the ~90 steps)
+            np.testing.assert_allclose(np.asarray(a)[:1], np.asarray(b), rtol=1e-6, atol=1e-9)
+        assert int(other.n_steps[0]) > 0
+    assert int(res.n_steps[0]) > 0
     # every returned number is finite, even for the diverged blend (its initial values)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in res.galaxies)
     assert int(res.n_steps[3]) == 0
+    # Fisher errors: NaN and flagged where the Hessian is not finite (the NaN pixel), NaN in
+    # empty slots, finite and positive in the good blend
+    err, ok = D.fisher_errors(res.galaxies, res.mask, jnp.asarray(images), psf_k, spec, SKY,
+                              information="observed")
+    assert np.asarray(ok).tolist() == [True, True, True, False]
+    ef = np.asarray(err.flux)
+    assert np.all(ef[0] > 0) and np.all(ef[2, 0] > 0)
+    assert np.all(np.isnan(ef[1])) and np.all(np.isnan(ef[2, 1])) and np.all(np.isnan(ef[3]))
+    # bad arguments: clear errors
+    with pytest.raises(ValueError, match="chunk"):
+        D.fit_blends(jnp.asarray(images[:1]), detections[:1], psf_k, spec, SKY, chunk=0)
+    with pytest.raises(ValueError, match="information"):
+        D.fisher_errors(res.galaxies, res.mask, images, psf_k, spec, SKY, information="exact")
+    with pytest.raises(ValueError, match="detections"):
+        D.fit_blends(jnp.asarray(images[:1]), (x0, y0, np.ones(2, bool)), psf_k, spec, SKY)
+    with pytest.raises(ValueError, match="sky"):
+        D.fit_blends(jnp.asarray(images[:1]), detections[:1], psf_k, spec, SKY[:1])
+    with pytest.raises(ValueError, match="fit_pixels"):
+        D.ForwardModelMeasure(fit_pixels=-3)
+
+
+def test_fit_window():
+    """`crop_size` / `crop_origins`: windows hold every detection with the margin, inside the
+    stamp (a blend without detections gets the stamp's center)."""
+    x = np.array([[50.0, 70.0, 0.0], [5.0, 9.0, 0.0], [0.0, 0.0, 0.0]])
+    y = np.array([[60.0, 52.0, 0.0], [100.0, 115.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = np.array([[True, True, False], [True, True, False], [False, False, False]])
+    size = D.crop_size(x, y, mask, 120, margin=16.0)
+    assert size == 64  # span 20 + 2 * 16 + 1 = 53 -> 64
+    assert D.crop_size(x, y, mask, 60, margin=16.0) == 60  # at most the stamp
+    ox, oy = D.crop_origins(x, y, mask, 120, size)
+    assert np.all((ox >= 0) & (oy >= 0) & (ox + size <= 120) & (oy + size <= 120))
+    for i in range(2):
+        m = mask[i]
+        assert np.all(x[i][m] - ox[i] >= 0) and np.all(x[i][m] - ox[i] <= size - 1)
+        assert np.all(y[i][m] - oy[i] >= 0) and np.all(y[i][m] - oy[i] <= size - 1)
+    assert ox[0] + 16 <= x[0][mask[0]].min() and x[0][mask[0]].max() <= ox[0] + size - 1 - 16
+    assert (ox[2], oy[2]) == (28, 28)  # (120 - 64) / 2
 
 
 def test_second_batch_does_not_recompile(setup):
@@ -172,11 +284,20 @@ def test_second_batch_does_not_recompile(setup):
     def batch():
         return jnp.asarray(image.repeat(4, 0) + rng.normal(0, 20, (4,) + image.shape[1:]))
 
+    def traces():
+        return tuple(D.trace_count(k) for k in ("fit", "init", "errors"))
+
     D.fit_blends(batch(), det, psf_k, spec, SKY)
-    before = (D.trace_count("fit"), D.trace_count("init"))
+    before = traces()
     res = D.fit_blends(batch(), det, psf_k, spec, SKY)
-    assert (D.trace_count("fit"), D.trace_count("init")) == before
+    assert traces() == before
     assert np.all(np.asarray(res.n_steps) > 0)
+    # a batch of another size runs on the same compiled programs (chunks of the default size)
+    chunk = D.default_chunk()
+    if 3 % chunk == 0 or chunk > 4:  # CPU: one blend per call
+        res = D.fit_blends(batch()[:3], tuple(a[:3] for a in det), psf_k, spec, SKY)
+        assert traces() == before
+        assert np.all(np.isfinite(np.asarray(res.errors.flux)))
 
 
 def test_learn_hlr_prior_through_unrolled_fit(setup):
@@ -228,11 +349,22 @@ def test_forward_model_measure_in_btk_pipeline():
     blend_results, meas_results, results = next(metrics)
     assert fm.n_fits == 1  # one batched fit served the three blends
     n_sep = [len(c) for c in meas_results["catalog"]["sep_singleband_measure"]]
-    n_fm = [len(c) for c in meas_results["catalog"]["forward_model"]]
-    assert n_fm == [min(n, 4) for n in n_sep]  # same detections (SEP's)
+    n_fm = [int(np.sum(~np.asarray(c["added"])))
+            for c in meas_results["catalog"]["forward_model"]]
+    assert n_fm == [min(n, 4) for n in n_sep]  # SEP's detections (and any added ones)
     cat = meas_results["catalog"]["forward_model"][0]
-    for col in ("ra", "dec", "x_peak", "y_peak", "r_flux", "hlr", "e1", "e2", "status"):
+    for col in ("ra", "dec", "x_peak", "y_peak", "r_flux", "hlr", "e1", "e2", "status", "added",
+                "x_peak_err", "y_peak_err", "r_flux_err", "hlr_err", "g1_err", "g2_err"):
         assert col in cat.colnames
+    # Fisher errors of fluxes: never below the Poisson noise of the galaxy's own counts
+    # (var(F) >= 1 / sum(T^2 / (sky + F T)) >= F for a unit template T), finite where converged
+    bands = list(survey.available_filters)
+    for c in meas_results["catalog"]["forward_model"]:
+        ok = np.asarray(c["status"]) == D.STATUS_CONVERGED
+        for band in bands:
+            f, e = np.asarray(c[f"{band}_flux"])[ok], np.asarray(c[f"{band}_flux_err"])[ok]
+            assert np.all(np.isfinite(e)) and np.all(e**2 >= 0.99 * f), (band, f, e)
+        assert np.all(np.asarray(c["hlr_err"])[ok] > 0)
     # the data-weighted split conserves the flux of the blend where the models have support
     img = blend_results["blend_images"][0]
     deb = meas_results["deblended_images"]["forward_model"][0]
