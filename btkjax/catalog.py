@@ -71,10 +71,12 @@ class Catalog:
 
     @classmethod
     def from_file(cls, catalog_files):  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} must implement from_file(catalog_files); "
+                                  f"use CatsimCatalog or CosmosCatalog.")
 
     def _prepare_table(self, raw_catalog: Table) -> Table:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement "
+                                  f"_prepare_table(raw_catalog).")
 
     @property
     def name(self) -> str:

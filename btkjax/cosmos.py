@@ -81,7 +81,14 @@ from btkjax.catalog import Catalog, CatalogError
 from btkjax.draw_blends import DrawBlendsGenerator
 from btkjax.galaxies import CatalogArrays
 from btkjax.noise import add_noise
-from btkjax.render import RenderSpec, _fold, _to_stamp, kgrid, shift_phases
+from btkjax.render import (
+    RenderSpec,
+    _assemble,
+    _grid_blocks,
+    _split_psf,
+    _to_stamp,
+    shift_phases,
+)
 
 __all__ = [
     "COSMOS_PIXEL_SCALE",
@@ -588,14 +595,24 @@ def render_real(sources: RealSources, tables: RealTables, psf_k, tspec: RealTabl
         (blend_images [blend, band, S, S], isolated [blend, slot, band, S, S] or None).
     """
 
+    blocks = _grid_blocks(spec)
+
     def one(src, psf):
-        kx, ky = kgrid(spec, dtype=src.flux.dtype)
-        gal_k = _real_kvalues(src, tables, tspec, spec, kx, ky)
-        blend = _to_stamp(_fold(gal_k.sum(axis=0) * psf, spec), spec)
+        psf_blocks = _split_psf(psf, spec)
+
+        def block_values(b):  # the k-grid block by block, as `btkjax.render` does
+            yp, xp = blocks[b][:2]
+            kx = jnp.asarray(spec.x_indices[xp] * spec.dk, src.flux.dtype)
+            ky = jnp.asarray(spec.y_indices[yp] * spec.dk, src.flux.dtype)
+            gal_k = _real_kvalues(src, tables, tspec, spec, kx, ky)
+            z = gal_k * psf_blocks[b][None] if isolated else gal_k.sum(axis=0) * psf_blocks[b]
+            return z.real, z.imag
+
+        images = _to_stamp(_assemble(block_values, spec), spec)
         if not isolated:
-            return blend, None
-        iso = _to_stamp(_fold(gal_k * psf[None], spec), spec)
-        return blend, jnp.where(src.mask[:, None, None, None], iso, 0.0)
+            return images, None
+        iso = jnp.where(src.mask[:, None, None, None], images, 0.0)
+        return iso.sum(axis=0), iso  # the blend: the sum of its galaxies (FFT linearity)
 
     if psf_k.ndim == 4:
         return jax.lax.map(lambda args: one(*args), (sources, psf_k), batch_size=chunk)

@@ -813,18 +813,12 @@ def fit(params: Params, anchor_x, anchor_y, mask, images, psf_k, spec: RenderSpe
     if rtol is None:
         rtol = 1e-7 if dtype == jnp.float64 else 1e-5
     opt = _optimizer(optimizer, learning_rate, max_steps, final_ratio)
-    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
     # Non-finite pixels are NOT masked here: a blend with them diverges and says so (status).
-    weight = jnp.ones_like(images) if weight is None else jnp.asarray(weight, dtype)
-    prior = Prior() if prior is None else prior
-    prior = Prior(jnp.asarray(prior.log_hlr_mean, dtype), jnp.asarray(prior.log_hlr_width, dtype))
-    psf_k = jnp.asarray(psf_k)
+    sky, weight, prior, psf_k, chunk, mask, per_blend, shared = _batch_inputs(
+        images, sky, weight, prior, psf_k, chunk, mask)
     n = images.shape[0]
-    chunk = _check_chunk(chunk)
-    mask = _pad_mask(jnp.asarray(mask, bool), chunk)
     batched = (params, jnp.asarray(anchor_x, dtype), jnp.asarray(anchor_y, dtype), mask, images,
-               sky, weight) + ((psf_k,) if psf_k.ndim == 4 else ())
-    shared = (() if psf_k.ndim == 4 else (psf_k,))
+               sky, weight) + per_blend
 
     def run(p, ax, ay, m, img, s, w, pk):
         return _fit_jit(p, ax, ay, m, img, s, w, pk, prior, jnp.asarray(rtol, dtype),
@@ -844,6 +838,22 @@ def _convert(fn, tree, ax, ay, chunk, model, max_offset):
     on the whole batch, each of their operations would compile for every batch size)."""
     return _chunked(partial(fn, model=model, max_offset=max_offset), ax.shape[0], chunk,
                     (tree, ax, ay))
+
+
+def _batch_inputs(images, sky, weight, prior, psf_k, chunk, mask):
+    """The per-batch inputs of `fit` and `fisher_errors` in the images' dtype: (sky [blend,
+    band], weight, prior, psf_k, chunk, padded mask, per-blend PSF args, shared PSF args)."""
+    dtype = images.dtype
+    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
+    weight = jnp.ones_like(images) if weight is None else jnp.asarray(weight, dtype)
+    prior = Prior() if prior is None else prior
+    prior = Prior(jnp.asarray(prior.log_hlr_mean, dtype), jnp.asarray(prior.log_hlr_width, dtype))
+    psf_k = jnp.asarray(psf_k)
+    chunk = _check_chunk(chunk)
+    mask = _pad_mask(jnp.asarray(mask, bool), chunk)
+    per_blend = (psf_k,) if psf_k.ndim == 4 else ()
+    shared = () if psf_k.ndim == 4 else (psf_k,)
+    return sky, weight, prior, psf_k, chunk, mask, per_blend, shared
 
 
 def _pad_mask(mask, chunk):
@@ -1040,17 +1050,11 @@ def fisher_errors(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky
         raise ValueError(f"noise must be 'poisson' or 'chi2', got {noise!r}.")
     images = jnp.asarray(images)
     dtype = images.dtype
-    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
-    weight = jnp.ones_like(images) if weight is None else jnp.asarray(weight, dtype)
-    prior = Prior() if prior is None else prior
-    prior = Prior(jnp.asarray(prior.log_hlr_mean, dtype), jnp.asarray(prior.log_hlr_width, dtype))
-    psf_k = jnp.asarray(psf_k)
+    sky, weight, prior, psf_k, chunk, mask, per_blend, shared = _batch_inputs(
+        images, sky, weight, prior, psf_k, chunk, mask)
     n = images.shape[0]
-    chunk = _check_chunk(chunk)
-    mask = _pad_mask(jnp.asarray(mask, bool), chunk)
     galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
-    batched = (galaxies, mask, images, sky, weight) + ((psf_k,) if psf_k.ndim == 4 else ())
-    shared = (() if psf_k.ndim == 4 else (psf_k,))
+    batched = (galaxies, mask, images, sky, weight) + per_blend
 
     def run(g, m, img, s, w, pk):
         return _errors_jit(g, m, img, s, w, pk, prior, spec=spec, noise=noise,

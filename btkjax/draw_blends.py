@@ -43,7 +43,6 @@ from btkjax.noise import NOISE_MODES, add_noise, check_noise_mode
 from btkjax.render import (
     CATSIM_KINDS,
     RenderSpec,
-    box_size,
     good_fft_size,
     make_render_spec,
     psf_fold_box,
@@ -121,6 +120,7 @@ class _SurveyState:
         while self.ladder[-1] < largest:
             self.ladder.append(min(good_fft_size(int(self.ladder[-1] * 1.25)), largest))
         self._specs = {}
+        self._fast_sizes = np.asarray([good_fft_size(2)])  # grown by _box_for_reach
         self._psf_k = {}
         self._warned = False
         _ = side
@@ -190,10 +190,19 @@ class _SurveyState:
         return np.where(mask, sizes, 0) if per_galaxy else sizes
 
     def _box_for_reach(self, reach):
-        """`box_size` of each reach (arcsec), vectorized over an array."""
-        flat = np.asarray(reach, float).ravel()
-        out = np.array([box_size(r, self.stamp_pixels, self.pixel_scale) for r in flat], int)
-        return out.reshape(np.shape(reach))
+        """`box_size` of each reach (arcsec), vectorized: the smallest fast size at or above
+        each box side in pixels, looked up in a table of fast sizes (no loop per galaxy)."""
+        side = self.stamp_pixels * self.pixel_scale
+        box = np.maximum(side, np.asarray(reach, float) + side / 2)
+        pixels = np.ceil(box / self.pixel_scale - 1e-9).astype(int)
+        top = int(pixels.max(initial=self.stamp_pixels))
+        if self._fast_sizes[-1] < top:
+            sizes, n = [], 2
+            while not sizes or sizes[-1] < top:
+                sizes.append(good_fft_size(n))
+                n = sizes[-1] + 1
+            self._fast_sizes = np.asarray(sizes)
+        return self._fast_sizes[np.searchsorted(self._fast_sizes, pixels)]
 
 
 class DrawBlendsGenerator:

@@ -101,7 +101,9 @@ class Matcher:
     """Base class: subclasses implement ``match_indices(true, detected) -> (ti, di, dist)``."""
 
     def match_indices(self, true_table: Table, detected_table: Table):  # pragma: no cover
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement match_indices(true_table, detected_table) "
+            f"-> (true indices, detected indices, distances); Matcher is a base class.")
 
     def __call__(self, true_table: Table, detected_table: Table) -> MatchResult:
         n_true, n_det = len(true_table), len(detected_table)

@@ -184,37 +184,6 @@ def kgrid(spec: RenderSpec, dtype=None):
     return kx, ky
 
 
-def _fold(values: jax.Array, spec: RenderSpec) -> jax.Array:
-    """Folds k-values from the evaluation grid onto the rfft grid [.., N, N/2 + 1].
-
-    Sampling at pixel centers sums the transform over k + 2 pi m / p; the evaluation grid holds
-    every m that matters (where the PSF x pixel transfer is above MAXK_THRESHOLD). Rows: index
-    i in [-E, E] goes to row i mod N (rows N - E .. E receive two copies). Columns: the aliased
-    columns j in [-Mx, -N/2] go to j + N in [N - Mx, N/2].
-    """
-    n = spec.fft_size
-    half = n // 2
-    e = spec.y_extent
-    pos = values[..., e:, :]  # i = 0 .. E -> rows 0 .. E
-    neg = values[..., :e, :]  # i = -E .. -1 -> rows N - E .. N - 1
-    overlap = 2 * e + 1 - n  # rows N - E .. E get both
-    if overlap > 0:
-        rows = jnp.concatenate(
-            [pos[..., : n - e, :], pos[..., n - e :, :] + neg[..., :overlap, :],
-             neg[..., overlap:, :]],
-            axis=-2,
-        )
-    else:
-        gap = jnp.zeros(values.shape[:-2] + (-overlap, values.shape[-1]), values.dtype)
-        rows = jnp.concatenate([pos, gap, neg], axis=-2)
-    nf = spec.n_folded_x
-    if not nf:
-        return rows
-    base, alias = rows[..., nf:], rows[..., :nf]
-    return jnp.concatenate([base[..., : half + 1 - nf], base[..., half + 1 - nf :] + alias],
-                           axis=-1)
-
-
 def _to_stamp(kimage: jax.Array, spec: RenderSpec) -> jax.Array:
     """Inverse FFT of folded k-images [.., N, N/2+1] and cut-out of the stamp [.., S, S].
 
@@ -268,8 +237,8 @@ def _grid_blocks(spec: RenderSpec):
     Block 0 holds, for every rfft row and column, the primary alias (ky index r for r <= N/2,
     r - N above; kx index 0 .. N/2), so it IS the rfft layout [N, N/2 + 1] and needs no copy.
     The other blocks hold the remaining aliases (ky indices beyond, kx indices -Mx .. -N/2) and
-    are added onto contiguous row / column ranges of block 0: the same sum as `_fold`, without
-    materializing the extended grid.
+    are added onto contiguous row / column ranges of block 0 (sampling at pixel centres sums
+    the transform over k + 2 pi m / p), without materializing the extended grid.
 
     Returns:
         list of (y_pos, x_pos, row_slice, col_slice): positions of the block's rows and columns

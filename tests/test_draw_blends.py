@@ -209,3 +209,13 @@ def test_galsim_backend_process_pool_matches_one_process(catsim_sample):
     two = next(gen)
     np.testing.assert_array_equal(one["blend_images"], two["blend_images"])
     np.testing.assert_array_equal(one["isolated_images"], two["isolated_images"])
+
+
+def test_vectorized_box_sizes_match_box_size(catsim_sample):
+    """The generator's table lookup of FFT boxes equals render.box_size, reach by reach."""
+    from btkjax.render import box_size
+
+    state = _generator(catsim_sample, batch_size=2)._states["LSST"]
+    reach = np.concatenate([np.random.default_rng(0).uniform(0, 100, 2000), [0.0, 12.0, 30.0]])
+    expected = [box_size(r, state.stamp_pixels, state.pixel_scale) for r in reach]
+    np.testing.assert_array_equal(state._box_for_reach(reach), expected)
