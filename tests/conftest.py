@@ -1,4 +1,8 @@
-"""Test configuration: float64 available everywhere (float32 paths pass float32 arrays)."""
+"""Test configuration: float64 available everywhere (float32 paths pass float32 arrays).
+
+Tests that need float64 ask for the ``x64`` fixture (``jax.enable_x64(True)`` for the test), so
+that they keep working once the suite runs with JAX's float32 default.
+"""
 
 from pathlib import Path
 
@@ -10,6 +14,13 @@ jax.config.update("jax_enable_x64", True)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CATSIM_SAMPLE = SHARED_DATA / "catsim" / "sample_input_catalog.fits"
 COSMOS_DIR = SHARED_DATA / "cosmos"
+
+
+@pytest.fixture
+def x64():
+    """float64 for one test, whatever the suite's default."""
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture(scope="session")
