@@ -9,7 +9,7 @@ the ladder compiles it; the best batch is the steady state). The GalSim backend 
 benchmarks/results/cosmos.json (atomically: a temporary file renamed over it).
 
 Usage: python benchmarks/bench_cosmos.py [--survey LSST] [--batch-size 32] [--galsim-batch 8]
-       [--repeat 3] [--dtype float32] [--data ../shared/data/cosmos]
+       [--repeat 3] [--dtype float32] [--data tests/data/cosmos]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "cosmos"
+DEFAULT_DATA = HERE.parent / "tests" / "data" / "cosmos"
 
 
 def _catalog(data: Path, gal_type: str):

@@ -1,15 +1,23 @@
 """btkjax: a fast, differentiable Blending ToolKit on JAX.
 
-``import btkjax as btk`` gives BTK's modules as attributes (loaded on first use): ``catalog``,
-``sampling_functions``, ``survey``, ``draw_blends``, ``measure``, ``metrics``, ``plot_utils``,
-``utils``, and the JAX-native ones: ``samplers``, ``profiles``, ``render``, ``galaxies``,
-``noise``, ``galsim_backend``, ``jax_metrics``, ``deblend``.
+Three floors, imports only downward (docs/ARCHITECTURE.md; ``tests/test_layers.py`` checks it):
+
+- ``btkjax.core``: the pure-JAX core (profiles, render, sources, real galaxies, noise, samplers,
+  metrics, keys, tolerances): arrays in, arrays out;
+- ``btkjax.engine``: execution (chunks, padding, host threads, sharding);
+- the package root: BTK's interface (``catalog``, ``sampling_functions``, ``survey``,
+  ``draw_blends``, ``measure``, ``match``, ``metrics``, ``plot_utils``, ``utils``, ``streaming``,
+  ``cli``, the GalSim reference backend) and the deblender (``btkjax.deblend``).
+
+``import btkjax as btk`` gives the public modules as attributes, imported on first use (PEP 562:
+``import btkjax`` stays cheap; it hides no import cycle). ``btkjax.profiles``, ``render``,
+``noise``, ``jax_metrics``, ``tolerances`` and ``samplers`` are the core modules under the names
+they had before the core moved into its folder.
 """
 
 import importlib
 
-DEFAULT_SEED = 0
-"""The seed every object that needs one uses by default (as BTK's ``DEFAULT_SEED``)."""
+from btkjax.core.keys import DEFAULT_SEED
 
 __version__ = "0.1.0"
 

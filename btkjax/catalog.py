@@ -8,13 +8,25 @@ the columns and rows at fault, before any blend is drawn.
 from __future__ import annotations
 
 import os
+import warnings
 from copy import deepcopy
 from importlib import resources
 
+import galsim
 import numpy as np
-from astropy.table import Table
+from astropy.io import fits
+from astropy.table import Table, hstack
 
-__all__ = ["Catalog", "CatsimCatalog", "CatalogError", "CATSIM_BANDS", "available_catalogs"]
+__all__ = [
+    "Catalog",
+    "CatsimCatalog",
+    "CosmosCatalog",
+    "CatalogError",
+    "CATSIM_BANDS",
+    "COSMOS_PIXEL_SCALE",
+    "EXCLUSION_LEVELS",
+    "available_catalogs",
+]
 
 CATSIM_BANDS = ("u", "g", "r", "i", "z", "y")
 """CatSim's six LSST-like bands; magnitudes live in columns ``{band}_ab``."""
@@ -193,14 +205,215 @@ class CatsimCatalog(Catalog):
         return problems
 
 
-available_catalogs = {"catsim": CatsimCatalog}
+# ----------------------------------------------------------------------------------------------
+# COSMOS (GalSim's format)
+# ----------------------------------------------------------------------------------------------
+
+COSMOS_PIXEL_SCALE = 0.03
+"""arcsec per pixel of the COSMOS HST/ACS lensing reduction (the images' PIXEL_SCALE; the fit
+radii and SExtractor's ``flux_radius`` are in these pixels: for the 23.5 example catalog
+``flux_radius * 0.03`` is within ~10% of the Sersic fit's ``hlr`` in arcsec)."""
+
+EXCLUSION_LEVELS = ("none", "bad_stamp", "bad_fits", "marginal")
+
+FIT_COLUMNS = ("sersicfit", "bulgefit", "use_bulgefit", "hlr", "flux")
 
 
-def __getattr__(name):
-    # CosmosCatalog lives in btkjax.cosmos, which imports this module: re-exported lazily.
-    if name == "CosmosCatalog":
-        from btkjax.cosmos import CosmosCatalog
+class _GalSimCOSMOSCatalog(galsim.COSMOSCatalog):
+    """A `galsim.COSMOSCatalog` built from already-read tables (any file names, any exclusion).
 
-        available_catalogs.setdefault("cosmos", CosmosCatalog)
-        return CosmosCatalog
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    GalSim's constructor derives the fits file's name from the real catalog's and raises when an
+    exclusion level needs a file or column that is absent; btkjax selects rows itself
+    (`_exclusion_mask`) and hands GalSim the result. ``makeGalaxy`` works unchanged.
+    """
+
+    def __init__(self, real_file, param_cat, orig_index):  # noqa: D107 - see class doc
+        self.use_real = True
+        self.preload = False
+        self.cut_ratio, self.sn_limit, self.min_mask_dist = 0.8, 10.0, 11
+        self.orig_exptime = self.orig_area = 1.0
+        self.exptime = self.area = None
+        self._bandpass = self._sed = None
+        self.full_file_name = os.fspath(real_file)
+        self.use_sample = None
+        self.param_cat = param_cat
+        self.orig_index = np.asarray(orig_index, dtype=int)
+        self.nobjects = len(self.orig_index)
+
+
+def _selection_file(real_file: str) -> str:
+    return real_file.replace(".fits", "_selection.fits")
+
+
+def _exclusion_mask(coord: Table, fit: Table, real_file: str, level: str) -> np.ndarray:
+    """GalSim's ``_apply_exclusion`` rows, or all rows (with a warning) when inputs are missing."""
+    n = len(coord)
+    mask = np.ones(n, dtype=bool)
+    if level == "none":
+        return mask
+    missing = []
+    selection = None
+    if level in ("bad_stamp", "marginal"):
+        path = _selection_file(real_file)
+        if os.path.exists(path):
+            selection = Table.read(path)
+            if len(selection) != n:
+                missing.append(f"a selection file with {n} rows ({path} has {len(selection)})")
+        else:
+            missing.append(f"the selection file {path}")
+    need = []
+    if level in ("bad_fits", "marginal"):
+        need += ["fit_status"]
+    if level == "marginal":
+        need += ["hlr", "sersicfit"]
+    missing += [f"column '{c}'" for c in need if c not in fit.colnames]
+    if missing:
+        warnings.warn(
+            f"exclusion_level={level!r} needs {', '.join(missing)}, which this COSMOS catalog "
+            "lacks: no exclusion is applied (as exclusion_level='none').",
+            stacklevel=3,
+        )
+        return mask
+    if selection is not None:
+        div = np.asarray(selection["peak_image_pixel_count"], dtype=float).copy()
+        div[div == 0.0] = 1e-5
+        mask &= (np.asarray(selection["sn_ellip_gauss"]) >= 10.0) & (
+            (np.asarray(selection["min_mask_dist_pixels"]) > 11)
+            | (np.asarray(selection["average_mask_adjacent_pixel_count"]) / div < 0.8)
+        )
+        if "stamp_flux" in coord.colnames:
+            mask &= np.asarray(coord["stamp_flux"]) > 0
+    if level in ("bad_fits", "marginal"):
+        status = np.asarray(fit["fit_status"])
+        sersic_ok = (status[:, 4] > 0) & (status[:, 4] < 5)
+        bulge_ok = (status[:, 0] > 0) & (status[:, 0] < 5)
+        mask &= sersic_ok | bulge_ok
+        if level == "marginal":
+            mask &= sersic_ok & bulge_ok
+            hlr = np.asarray(fit["hlr"])[:, 0]
+            nser = np.asarray(fit["sersicfit"])[:, 2]
+            mask &= (nser < 5) | (hlr < 1.0)
+            mask &= np.abs(np.asarray(selection["dmag"])) < 0.8
+    return mask
+
+
+class CosmosCatalog(Catalog):
+    """A COSMOS catalog in GalSim's format (real-galaxy catalog + parametric fits).
+
+    The standardized ``table`` has the columns of both files (the fits file's duplicate
+    ``IDENT`` dropped) and:
+
+    - ``ra``, ``dec``: renamed from ``RA``, ``DEC`` (sampling functions overwrite them with
+      offsets in arcsec from the stamp center);
+    - ``btk_index``: the row in this (excluded) table, which is also the index GalSim's
+      ``makeGalaxy`` takes;
+    - ``ref_mag``: ``MAG``, the F814W AB magnitude;
+    - ``flux_radius``: SExtractor's FLUX_RADIUS (radius enclosing half the flux) in COSMOS ACS
+      pixels of 0.03", as in the COSMOS readme; ``btk_size = flux_radius * 0.03``: a half-light
+      radius in arcsec.
+
+    Per-band magnitudes come from ``{survey}_{filter}`` columns (e.g. ``HSC_i``) in either file;
+    a generator uses ``MAG`` for every band lacking one, warning once per catalog and survey.
+
+    Args:
+        raw_catalog: the merged table (as `from_file` builds it).
+        galsim_catalog: the `galsim.COSMOSCatalog` of the same rows (needed to draw).
+    """
+
+    def __init__(self, raw_catalog: Table, galsim_catalog: galsim.COSMOSCatalog | None = None):
+        super().__init__(raw_catalog)
+        self.galsim_catalog = galsim_catalog
+        self.real_file = getattr(galsim_catalog, "full_file_name", None)
+        self._warned_surveys: set[str] = set()
+
+    @classmethod
+    def from_file(cls, catalog_files, exclusion_level: str = "marginal") -> CosmosCatalog:
+        """Reads the two COSMOS files and applies GalSim's exclusion cuts.
+
+        Args:
+            catalog_files: ``[catalog_file, fits_file]``: the real-galaxy catalog (image and PSF
+                file names, noise) and the parametric-fit catalog. A single path means the
+                real-galaxy catalog with its fits file named as GalSim expects (``_fits.fits``).
+            exclusion_level: "none", "bad_stamp", "bad_fits" or "marginal" (GalSim's meaning).
+                Levels that need a file (``<catalog>_selection.fits``) or columns
+                (``fit_status``, ``hlr``, ``sersicfit``) that the catalog lacks fall back to no
+                exclusion, with a warning.
+        """
+        if isinstance(catalog_files, (str, os.PathLike)):
+            real_file = os.fspath(catalog_files)
+            files = [real_file, real_file.replace(".fits", "_fits.fits")]
+        else:
+            files = [os.fspath(f) for f in catalog_files]
+        if len(files) != 2:
+            raise ValueError(
+                f"CosmosCatalog.from_file needs [catalog_file, fits_file], got {catalog_files!r}."
+            )
+        for f in files:
+            if not os.path.exists(f):
+                raise FileNotFoundError(f"COSMOS catalog file {f!r} does not exist.")
+        if exclusion_level not in EXCLUSION_LEVELS:
+            raise ValueError(
+                f"exclusion_level must be one of {EXCLUSION_LEVELS}, got {exclusion_level!r}."
+            )
+        real_file, fit_file = files
+        coord = Table.read(real_file)
+        fit = Table.read(fit_file)
+        if len(coord) != len(fit):
+            raise CatalogError(
+                f"The COSMOS catalog {real_file} has {len(coord)} rows but its fits file "
+                f"{fit_file} has {len(fit)}: they must describe the same galaxies, row by row."
+            )
+        if "IDENT" in coord.colnames and "IDENT" in fit.colnames:
+            bad = np.flatnonzero(np.asarray(coord["IDENT"]) != np.asarray(fit["IDENT"]))
+            if len(bad):
+                raise CatalogError(
+                    f"IDENT differs between {real_file} and {fit_file} at rows "
+                    f"{bad[:10].tolist()}: the files must list the same galaxies in order."
+                )
+        mask = _exclusion_mask(coord, fit, real_file, exclusion_level)
+        rows = np.flatnonzero(mask)
+        with fits.open(fit_file) as hdus:
+            param_cat = np.array(hdus[1].data, copy=True)
+        galsim_catalog = _GalSimCOSMOSCatalog(real_file, param_cat, rows)
+        fit = fit[[c for c in fit.colnames if c not in coord.colnames]]
+        raw = hstack([coord[rows], fit[rows]], metadata_conflicts="silent")
+        return cls(raw, galsim_catalog)
+
+    def _prepare_table(self, raw_catalog: Table) -> Table:
+        missing = [c for c in ("RA", "DEC", "MAG", "flux_radius") if c not in raw_catalog.colnames]
+        if missing:
+            raise CatalogError(
+                f"COSMOS catalog is missing column(s) {missing}: the real-galaxy catalog needs "
+                "RA, DEC, MAG (GalSim's format) and the fits catalog at least flux_radius."
+            )
+        if len(raw_catalog) == 0:
+            raise CatalogError("COSMOS catalog is empty (after exclusion): no rows to sample.")
+        bad = np.flatnonzero(~np.isfinite(np.asarray(raw_catalog["MAG"], dtype=float)))
+        if len(bad):
+            raise CatalogError(f"non-finite MAG at rows {bad[:10].tolist()}.")
+        table = deepcopy(raw_catalog)
+        table.rename_column("RA", "ra")
+        table.rename_column("DEC", "dec")
+        table["btk_index"] = np.arange(len(table))
+        table["ref_mag"] = np.asarray(table["MAG"], dtype=float)
+        table["btk_size"] = np.asarray(table["flux_radius"], dtype=float) * COSMOS_PIXEL_SCALE
+        return table
+
+    def get_galsim_catalog(self) -> galsim.COSMOSCatalog:
+        """The `galsim.COSMOSCatalog` of the same rows (``makeGalaxy(btk_index, ...)``)."""
+        if self.galsim_catalog is None:
+            raise ValueError(
+                "This CosmosCatalog was built from a table alone; use CosmosCatalog.from_file to "
+                "get the galsim.COSMOSCatalog needed to draw its galaxies."
+            )
+        return self.galsim_catalog
+
+    def band_magnitude_columns(self, survey) -> dict:
+        """{band: column} for a survey: ``{survey}_{band}`` where present, else ``ref_mag``."""
+        return {
+            b: (f"{survey.name}_{b}" if f"{survey.name}_{b}" in self.table.colnames else "ref_mag")
+            for b in survey.available_filters
+        }
+
+
+available_catalogs = {"catsim": CatsimCatalog, "cosmos": CosmosCatalog}

@@ -65,30 +65,34 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from copy import deepcopy
-from dataclasses import dataclass
-from functools import partial
-from typing import NamedTuple
 
 import galsim
 import jax
 import jax.numpy as jnp
 import numpy as np
-from astropy.io import fits
-from astropy.table import Table, hstack
+from astropy.table import Table
 
-from btkjax.catalog import Catalog, CatalogError
-from btkjax.draw_blends import DrawBlendsGenerator
-from btkjax.galaxies import CatalogArrays
-from btkjax.noise import add_noise
-from btkjax.render import (
-    RenderSpec,
-    _assemble,
-    _grid_blocks,
-    _split_psf,
-    _to_stamp,
-    shift_phases,
+from btkjax.catalog import (
+    COSMOS_PIXEL_SCALE,
+    EXCLUSION_LEVELS,
+    FIT_COLUMNS,
+    CatalogError,
+    CosmosCatalog,
 )
+from btkjax.core.realgal import (
+    RealSources,
+    RealTables,
+    RealTableSpec,
+    make_real_sources,
+    quintic_kernel,
+    quintic_uval,
+    real_pipeline,
+    render_real,
+)
+from btkjax.core.render import RenderSpec
+from btkjax.galaxies import CatalogArrays
+from btkjax.galsim_backend import render_cosmos_galsim
+from btkjax.generator import DrawBlendsGenerator
 
 __all__ = [
     "COSMOS_PIXEL_SCALE",
@@ -107,224 +111,15 @@ __all__ = [
     "quintic_kernel",
 ]
 
-COSMOS_PIXEL_SCALE = 0.03
-"""arcsec per pixel of the COSMOS HST/ACS lensing reduction (the images' PIXEL_SCALE; the fit
-radii and SExtractor's ``flux_radius`` are in these pixels: for the 23.5 example catalog
-``flux_radius * 0.03`` is within ~10% of the Sersic fit's ``hlr`` in arcsec)."""
-
 COSMOS_KINDS = ("sersic", "devaucouleurs", "exponential")
 """Components of a parametric COSMOS galaxy: single Sersic, or bulge + disk."""
 
-EXCLUSION_LEVELS = ("none", "bad_stamp", "bad_fits", "marginal")
-
-FIT_COLUMNS = ("sersicfit", "bulgefit", "use_bulgefit", "hlr", "flux")
-
 _KVALUE_ACCURACY = galsim.GSParams().kvalue_accuracy  # GalSim's Deconvolve threshold (1e-5)
-_SHEAR_MARGIN = 0.3  # |g| whose stretch the real-galaxy tables cover when shears are applied
+SHEAR_MARGIN = 0.3  # |g| whose stretch the real-galaxy tables cover when shears are applied
 
 
 # ----------------------------------------------------------------------------------------------
-# Catalog
-# ----------------------------------------------------------------------------------------------
-
-
-class _GalSimCOSMOSCatalog(galsim.COSMOSCatalog):
-    """A `galsim.COSMOSCatalog` built from already-read tables (any file names, any exclusion).
-
-    GalSim's constructor derives the fits file's name from the real catalog's and raises when an
-    exclusion level needs a file or column that is absent; btkjax selects rows itself
-    (`_exclusion_mask`) and hands GalSim the result. ``makeGalaxy`` works unchanged.
-    """
-
-    def __init__(self, real_file, param_cat, orig_index):  # noqa: D107 - see class doc
-        self.use_real = True
-        self.preload = False
-        self.cut_ratio, self.sn_limit, self.min_mask_dist = 0.8, 10.0, 11
-        self.orig_exptime = self.orig_area = 1.0
-        self.exptime = self.area = None
-        self._bandpass = self._sed = None
-        self.full_file_name = os.fspath(real_file)
-        self.use_sample = None
-        self.param_cat = param_cat
-        self.orig_index = np.asarray(orig_index, dtype=int)
-        self.nobjects = len(self.orig_index)
-
-
-def _selection_file(real_file: str) -> str:
-    return real_file.replace(".fits", "_selection.fits")
-
-
-def _exclusion_mask(coord: Table, fit: Table, real_file: str, level: str) -> np.ndarray:
-    """GalSim's ``_apply_exclusion`` rows, or all rows (with a warning) when inputs are missing."""
-    n = len(coord)
-    mask = np.ones(n, dtype=bool)
-    if level == "none":
-        return mask
-    missing = []
-    selection = None
-    if level in ("bad_stamp", "marginal"):
-        path = _selection_file(real_file)
-        if os.path.exists(path):
-            selection = Table.read(path)
-            if len(selection) != n:
-                missing.append(f"a selection file with {n} rows ({path} has {len(selection)})")
-        else:
-            missing.append(f"the selection file {path}")
-    need = []
-    if level in ("bad_fits", "marginal"):
-        need += ["fit_status"]
-    if level == "marginal":
-        need += ["hlr", "sersicfit"]
-    missing += [f"column '{c}'" for c in need if c not in fit.colnames]
-    if missing:
-        warnings.warn(
-            f"exclusion_level={level!r} needs {', '.join(missing)}, which this COSMOS catalog "
-            "lacks: no exclusion is applied (as exclusion_level='none').",
-            stacklevel=3,
-        )
-        return mask
-    if selection is not None:
-        div = np.asarray(selection["peak_image_pixel_count"], dtype=float).copy()
-        div[div == 0.0] = 1e-5
-        mask &= (np.asarray(selection["sn_ellip_gauss"]) >= 10.0) & (
-            (np.asarray(selection["min_mask_dist_pixels"]) > 11)
-            | (np.asarray(selection["average_mask_adjacent_pixel_count"]) / div < 0.8)
-        )
-        if "stamp_flux" in coord.colnames:
-            mask &= np.asarray(coord["stamp_flux"]) > 0
-    if level in ("bad_fits", "marginal"):
-        status = np.asarray(fit["fit_status"])
-        sersic_ok = (status[:, 4] > 0) & (status[:, 4] < 5)
-        bulge_ok = (status[:, 0] > 0) & (status[:, 0] < 5)
-        mask &= sersic_ok | bulge_ok
-        if level == "marginal":
-            mask &= sersic_ok & bulge_ok
-            hlr = np.asarray(fit["hlr"])[:, 0]
-            nser = np.asarray(fit["sersicfit"])[:, 2]
-            mask &= (nser < 5) | (hlr < 1.0)
-            mask &= np.abs(np.asarray(selection["dmag"])) < 0.8
-    return mask
-
-
-class CosmosCatalog(Catalog):
-    """A COSMOS catalog in GalSim's format (real-galaxy catalog + parametric fits).
-
-    The standardized ``table`` has the columns of both files (the fits file's duplicate
-    ``IDENT`` dropped) and:
-
-    - ``ra``, ``dec``: renamed from ``RA``, ``DEC`` (sampling functions overwrite them with
-      offsets in arcsec from the stamp center);
-    - ``btk_index``: the row in this (excluded) table, which is also the index GalSim's
-      ``makeGalaxy`` takes;
-    - ``ref_mag``: ``MAG``, the F814W AB magnitude;
-    - ``flux_radius``: SExtractor's FLUX_RADIUS (radius enclosing half the flux) in COSMOS ACS
-      pixels of 0.03", as in the COSMOS readme; ``btk_size = flux_radius * 0.03``: a half-light
-      radius in arcsec.
-
-    Per-band magnitudes come from ``{survey}_{filter}`` columns (e.g. ``HSC_i``) in either file;
-    a generator uses ``MAG`` for every band lacking one, warning once per catalog and survey.
-
-    Args:
-        raw_catalog: the merged table (as `from_file` builds it).
-        galsim_catalog: the `galsim.COSMOSCatalog` of the same rows (needed to draw).
-    """
-
-    def __init__(self, raw_catalog: Table, galsim_catalog: galsim.COSMOSCatalog | None = None):
-        super().__init__(raw_catalog)
-        self.galsim_catalog = galsim_catalog
-        self.real_file = getattr(galsim_catalog, "full_file_name", None)
-        self._warned_surveys: set[str] = set()
-
-    @classmethod
-    def from_file(cls, catalog_files, exclusion_level: str = "marginal") -> CosmosCatalog:
-        """Reads the two COSMOS files and applies GalSim's exclusion cuts.
-
-        Args:
-            catalog_files: ``[catalog_file, fits_file]``: the real-galaxy catalog (image and PSF
-                file names, noise) and the parametric-fit catalog. A single path means the
-                real-galaxy catalog with its fits file named as GalSim expects (``_fits.fits``).
-            exclusion_level: "none", "bad_stamp", "bad_fits" or "marginal" (GalSim's meaning).
-                Levels that need a file (``<catalog>_selection.fits``) or columns
-                (``fit_status``, ``hlr``, ``sersicfit``) that the catalog lacks fall back to no
-                exclusion, with a warning.
-        """
-        if isinstance(catalog_files, (str, os.PathLike)):
-            real_file = os.fspath(catalog_files)
-            files = [real_file, real_file.replace(".fits", "_fits.fits")]
-        else:
-            files = [os.fspath(f) for f in catalog_files]
-        if len(files) != 2:
-            raise ValueError(
-                f"CosmosCatalog.from_file needs [catalog_file, fits_file], got {catalog_files!r}."
-            )
-        for f in files:
-            if not os.path.exists(f):
-                raise FileNotFoundError(f"COSMOS catalog file {f!r} does not exist.")
-        if exclusion_level not in EXCLUSION_LEVELS:
-            raise ValueError(
-                f"exclusion_level must be one of {EXCLUSION_LEVELS}, got {exclusion_level!r}."
-            )
-        real_file, fit_file = files
-        coord = Table.read(real_file)
-        fit = Table.read(fit_file)
-        if len(coord) != len(fit):
-            raise CatalogError(
-                f"The COSMOS catalog {real_file} has {len(coord)} rows but its fits file "
-                f"{fit_file} has {len(fit)}: they must describe the same galaxies, row by row."
-            )
-        if "IDENT" in coord.colnames and "IDENT" in fit.colnames:
-            bad = np.flatnonzero(np.asarray(coord["IDENT"]) != np.asarray(fit["IDENT"]))
-            if len(bad):
-                raise CatalogError(
-                    f"IDENT differs between {real_file} and {fit_file} at rows "
-                    f"{bad[:10].tolist()}: the files must list the same galaxies in order."
-                )
-        mask = _exclusion_mask(coord, fit, real_file, exclusion_level)
-        rows = np.flatnonzero(mask)
-        with fits.open(fit_file) as hdus:
-            param_cat = np.array(hdus[1].data, copy=True)
-        galsim_catalog = _GalSimCOSMOSCatalog(real_file, param_cat, rows)
-        fit = fit[[c for c in fit.colnames if c not in coord.colnames]]
-        raw = hstack([coord[rows], fit[rows]], metadata_conflicts="silent")
-        return cls(raw, galsim_catalog)
-
-    def _prepare_table(self, raw_catalog: Table) -> Table:
-        missing = [c for c in ("RA", "DEC", "MAG", "flux_radius") if c not in raw_catalog.colnames]
-        if missing:
-            raise CatalogError(
-                f"COSMOS catalog is missing column(s) {missing}: the real-galaxy catalog needs "
-                "RA, DEC, MAG (GalSim's format) and the fits catalog at least flux_radius."
-            )
-        if len(raw_catalog) == 0:
-            raise CatalogError("COSMOS catalog is empty (after exclusion): no rows to sample.")
-        bad = np.flatnonzero(~np.isfinite(np.asarray(raw_catalog["MAG"], dtype=float)))
-        if len(bad):
-            raise CatalogError(f"non-finite MAG at rows {bad[:10].tolist()}.")
-        table = deepcopy(raw_catalog)
-        table.rename_column("RA", "ra")
-        table.rename_column("DEC", "dec")
-        table["btk_index"] = np.arange(len(table))
-        table["ref_mag"] = np.asarray(table["MAG"], dtype=float)
-        table["btk_size"] = np.asarray(table["flux_radius"], dtype=float) * COSMOS_PIXEL_SCALE
-        return table
-
-    def get_galsim_catalog(self) -> galsim.COSMOSCatalog:
-        """The `galsim.COSMOSCatalog` of the same rows (``makeGalaxy(btk_index, ...)``)."""
-        if self.galsim_catalog is None:
-            raise ValueError(
-                "This CosmosCatalog was built from a table alone; use CosmosCatalog.from_file to "
-                "get the galsim.COSMOSCatalog needed to draw its galaxies."
-            )
-        return self.galsim_catalog
-
-    def band_magnitude_columns(self, survey) -> dict:
-        """{band: column} for a survey: ``{survey}_{band}`` where present, else ``ref_mag``."""
-        return {
-            b: (f"{survey.name}_{b}" if f"{survey.name}_{b}" in self.table.colnames else "ref_mag")
-            for b in survey.available_filters
-        }
-
-
+# Parametric galaxies
 # ----------------------------------------------------------------------------------------------
 # Parametric galaxies
 # ----------------------------------------------------------------------------------------------
@@ -379,56 +174,10 @@ def cosmos_parametric_arrays(table) -> CatalogArrays:
     return CatalogArrays(frac=frac, hlr=hlr_arr, q=q_arr, beta=beta, n=n_arr)
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Real galaxies: k-space tables
+# Real galaxies: k-space tables (host, once per catalog)
 # ----------------------------------------------------------------------------------------------
-
-
-def quintic_kernel(x):
-    """GalSim's Quintic interpolant in real space (support [-3, 3]), JAX or numpy input."""
-    xp = jnp if isinstance(x, jax.Array) else np
-    x = xp.abs(x)
-    r1 = 1 + x**3 * (-95 / 12 + x * (23 / 2 + x * (-55 / 12)))
-    r2 = (x - 1) * (x - 2) * (-23 / 4 + x * (29 / 2 + x * (-83 / 8 + x * (55 / 24))))
-    r3 = (x - 2) * (x - 3) ** 2 * (-9 / 4 + x * (25 / 12 + x * (-11 / 24)))
-    return xp.where(x <= 1, r1, xp.where(x <= 2, r2, xp.where(x <= 3, r3, 0.0)))
-
-
-def _quintic_uval_np(u):
-    s = np.sinc(u)
-    piu = np.pi * u
-    return s**5 * (s * (55.0 - 19.0 * piu**2) + 2.0 * np.cos(piu) * (piu**2 - 27.0))
-
-
-@dataclass(frozen=True)
-class RealTableSpec:
-    """Static layout of the real-galaxy k-tables (hashable).
-
-    Table column c holds kx = (c - n_neg_x) dk, row r holds ky = (r - n_half_y) dk; values
-    beyond |k| = kmax are not used (zero).
-    """
-
-    dk: float
-    n_neg_x: int
-    n_half_y: int
-    n_x: int
-    kmax: float
-
-    @property
-    def shape(self):
-        return (2 * self.n_half_y + 1, self.n_x)
-
-
-class RealTables(NamedTuple):
-    """Per-row transforms of real galaxies (deconvolved by the HST PSF, F(0) = 1).
-
-    Attributes:
-        values: [row, Ty, Tx] complex, on the `RealTableSpec` grid (half plane kx >= -3 dk).
-        maxk: [row] the HST PSF's maxk (rad/arcsec): the transform is zero beyond.
-    """
-
-    values: jax.Array
-    maxk: jax.Array
 
 
 def _dft_matrix(n, scale, k):
@@ -475,9 +224,9 @@ def real_galaxy_tables(galsim_catalog, kmax: float, pad_factor: float = 4.0, row
         if not g0 > 0:
             bad.append(int(rows[r]))
             g0 = 1.0
-        ug = _quintic_uval_np(ky * gs / (2 * np.pi))[:, None] * _quintic_uval_np(
+        ug = quintic_uval(ky * gs / (2 * np.pi))[:, None] * quintic_uval(
             kx * gs / (2 * np.pi))[None, :]
-        up = _quintic_uval_np(ky * ps / (2 * np.pi))[:, None] * _quintic_uval_np(
+        up = quintic_uval(ky * ps / (2 * np.pi))[:, None] * quintic_uval(
             kx * ps / (2 * np.pi))[None, :]
         orig_psf = pk * up / p0
         small = np.abs(orig_psf) < _KVALUE_ACCURACY
@@ -489,195 +238,6 @@ def real_galaxy_tables(galsim_catalog, kmax: float, pad_factor: float = 4.0, row
             "set (GalSim's 'bad_stamp' exclusion removes such rows)."
         )
     return spec, values, psf_maxk
-
-
-# ----------------------------------------------------------------------------------------------
-# Real galaxies: rendering
-# ----------------------------------------------------------------------------------------------
-
-
-class RealSources(NamedTuple):
-    """Real galaxies of a batch of blends.
-
-    Attributes:
-        flux: [blend, slot, band] electrons (0 in empty slots).
-        index: [blend, slot] row of `RealTables`.
-        dx, dy: [blend, slot] arcsec from the stamp center.
-        rotation: [blend, slot] radians.
-        g1, g2: [blend, slot] reduced shear applied after the rotation.
-        mask: [blend, slot].
-    """
-
-    flux: jax.Array
-    index: jax.Array
-    dx: jax.Array
-    dy: jax.Array
-    rotation: jax.Array
-    g1: jax.Array
-    g2: jax.Array
-    mask: jax.Array
-
-
-@jax.jit
-def make_real_sources(blends, fluxes) -> RealSources:
-    """Gathers [row, band] fluxes into `RealSources` (rotation: degrees -> radians)."""
-    dtype = fluxes.dtype
-    mask = jnp.asarray(blends.mask, bool)
-    idx = jnp.asarray(blends.index)
-    flux = jnp.where(mask[..., None], fluxes[idx], 0.0)
-    return RealSources(
-        flux=flux, index=idx, dx=jnp.asarray(blends.dx, dtype), dy=jnp.asarray(blends.dy, dtype),
-        rotation=jnp.radians(jnp.asarray(blends.rotation, dtype)),
-        g1=jnp.where(mask, jnp.asarray(blends.g1, dtype), 0.0),
-        g2=jnp.where(mask, jnp.asarray(blends.g2, dtype), 0.0), mask=mask,
-    )
-
-
-def _interp_table(table, tspec: RealTableSpec, kxp, kyp):
-    """Quintic interpolation of one half-plane table [Ty, Tx] at points (kxp, kyp)."""
-    flip = kxp < 0
-    kxp = jnp.where(flip, -kxp, kxp)
-    kyp = jnp.where(flip, -kyp, kyp)
-    u = kxp / tspec.dk + tspec.n_neg_x
-    v = kyp / tspec.dk + tspec.n_half_y
-    i0 = jnp.floor(u).astype(jnp.int32)
-    j0 = jnp.floor(v).astype(jnp.int32)
-    ny, nx = tspec.shape
-    flat = table.reshape(-1)
-    offs = jnp.arange(-2, 4)
-    ix = i0[..., None] + offs  # [..., 6]
-    iy = j0[..., None] + offs
-    wx = quintic_kernel(u[..., None] - ix)
-    wy = quintic_kernel(v[..., None] - iy)
-    ix = jnp.clip(ix, 0, nx - 1)
-    iy = jnp.clip(iy, 0, ny - 1)
-    out = 0.0
-    for b in range(6):
-        rowv = flat[iy[..., b, None] * nx + ix]  # [..., 6]
-        out = out + wy[..., b] * jnp.sum(wx * rowv, axis=-1)
-    return jnp.where(flip, jnp.conj(out), out)
-
-
-def _real_kvalues(src: RealSources, tables: RealTables, tspec: RealTableSpec, spec: RenderSpec,
-                  kx, ky):
-    """Per-galaxy per-band transforms of one blend [slot, band, Ry, Cx]."""
-    from btkjax.render import _rotation_matrix, _shear_matrix
-
-    a = _shear_matrix(src.g1, src.g2) @ _rotation_matrix(src.rotation)  # [slot, 2, 2]
-    kxg, kyg = kx[None, :], ky[:, None]
-
-    def one(a_mat, row):
-        kxp = a_mat[0, 0] * kxg + a_mat[1, 0] * kyg  # A^T k
-        kyp = a_mat[0, 1] * kxg + a_mat[1, 1] * kyg
-        val = _interp_table(tables.values[row], tspec, kxp, kyp)
-        limit = jnp.minimum(tables.maxk[row], tspec.kmax)
-        return jnp.where(kxp * kxp + kyp * kyp <= limit * limit, val, 0.0)
-
-    shape_k = jax.vmap(one)(a, src.index)  # [slot, Ry, Cx]
-    flux = jnp.where(src.mask[:, None], src.flux, 0.0).astype(kx.dtype)
-    cos, sin = shift_phases(src.dx, src.dy, kx, ky, spec)
-    shape_k = shape_k * jax.lax.complex(cos, -sin).astype(shape_k.dtype)
-    return flux[:, :, None, None] * shape_k[:, None]
-
-
-@partial(jax.jit, static_argnames=("tspec", "spec", "isolated", "chunk"))
-def render_real(sources: RealSources, tables: RealTables, psf_k, tspec: RealTableSpec,
-                spec: RenderSpec, isolated: bool = False, chunk: int = 16):
-    """Renders noiseless blends of real galaxies, as `btkjax.render.render` does for profiles.
-
-    Args:
-        sources: `RealSources` with a leading blend axis.
-        tables: `RealTables` (device arrays).
-        psf_k: [band, Ry, Cx] PSF x pixel on the renderer's grid (or [blend, band, Ry, Cx]).
-        tspec, spec: static table layout and render spec.
-
-    Returns:
-        (blend_images [blend, band, S, S], isolated [blend, slot, band, S, S] or None).
-    """
-
-    blocks = _grid_blocks(spec)
-
-    def one(src, psf):
-        psf_blocks = _split_psf(psf, spec)
-
-        def block_values(b):  # the k-grid block by block, as `btkjax.render` does
-            yp, xp = blocks[b][:2]
-            kx = jnp.asarray(spec.x_indices[xp] * spec.dk, src.flux.dtype)
-            ky = jnp.asarray(spec.y_indices[yp] * spec.dk, src.flux.dtype)
-            gal_k = _real_kvalues(src, tables, tspec, spec, kx, ky)
-            z = gal_k * psf_blocks[b][None] if isolated else gal_k.sum(axis=0) * psf_blocks[b]
-            return z.real, z.imag
-
-        images = _to_stamp(_assemble(block_values, spec), spec)
-        if not isolated:
-            return images, None
-        iso = jnp.where(src.mask[:, None, None, None], images, 0.0)
-        return iso.sum(axis=0), iso  # the blend: the sum of its galaxies (FFT linearity)
-
-    if psf_k.ndim == 4:
-        return jax.lax.map(lambda args: one(*args), (sources, psf_k), batch_size=chunk)
-    return jax.lax.map(lambda src: one(src, psf_k), sources, batch_size=chunk)
-
-
-@partial(jax.jit, static_argnames=("tspec", "spec", "mode", "isolated", "chunk"))
-def _real_pipeline(blends, blend_ids, tables, fluxes, psf_k, sky, noise_key, tspec, spec, mode,
-                   isolated, chunk):
-    sources = make_real_sources(blends, fluxes)
-    images, iso = render_real(sources, tables, psf_k, tspec, spec, isolated=isolated, chunk=chunk)
-    return add_noise(noise_key, blend_ids, images, sky, mode), iso
-
-
-# ----------------------------------------------------------------------------------------------
-# GalSim backend
-# ----------------------------------------------------------------------------------------------
-
-
-def render_cosmos_galsim(galsim_catalog, blends, fluxes, psfs, spec: RenderSpec, gal_type: str,
-                         isolated: bool = False, gsparams=None, dtype=np.float64):
-    """Draws COSMOS blends with GalSim as BTK does.
-
-    ``makeGalaxy(index, gal_type, noise_pad_size=0).withFlux(flux)`` -> ``.rotate`` ->
-    ``.shear`` (if nonzero) -> ``Convolve(psf)`` -> ``.shift(dx, dy)`` -> ``drawImage``.
-
-    Args:
-        galsim_catalog: the `galsim.COSMOSCatalog`.
-        blends: numpy `Blends` (rotation in degrees).
-        fluxes: [row, band] electrons.
-        psfs: one GalSim PSF per band.
-        spec: the render spec (stamp size, pixel scale).
-        gal_type: "real" or "parametric".
-        gsparams: GalSim accuracy parameters (default GalSim's).
-    """
-    index = np.asarray(blends.index)
-    mask = np.asarray(blends.mask)
-    n_blend, n_slot = index.shape
-    n_band = len(psfs)
-    s = spec.stamp_pixels
-    images = np.zeros((n_blend, n_band, s, s), dtype)
-    iso = np.zeros((n_blend, n_slot, n_band, s, s), dtype) if isolated else None
-    cache = {}
-    psfs = [p.withGSParams(gsparams) if gsparams is not None else p for p in psfs]
-    for b in range(n_blend):
-        for g in range(n_slot):
-            if not mask[b, g]:
-                continue
-            row = int(index[b, g])
-            if row not in cache:
-                cache[row] = galsim_catalog.makeGalaxy(row, gal_type=gal_type, noise_pad_size=0,
-                                                       gsparams=gsparams)
-            for j in range(n_band):
-                gal = cache[row].withFlux(float(fluxes[row, j]))
-                gal = gal.rotate(float(blends.rotation[b, g]) * galsim.degrees)
-                g1, g2 = float(blends.g1[b, g]), float(blends.g2[b, g])
-                if g1 != 0 or g2 != 0:
-                    gal = gal.shear(g1=g1, g2=g2)
-                conv = galsim.Convolve(gal, psfs[j], gsparams=gsparams)
-                conv = conv.shift(float(blends.dx[b, g]), float(blends.dy[b, g]))
-                img = conv.drawImage(nx=s, ny=s, scale=spec.pixel_scale, dtype=np.float64).array
-                images[b, j] += img
-                if isolated:
-                    iso[b, g, j] = img
-    return images, iso
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,7 +348,7 @@ class CosmosGenerator(DrawBlendsGenerator):
 
     def _build_tables(self):
         kmax = 0.0
-        stretch = math.sqrt((1 + _SHEAR_MARGIN) / (1 - _SHEAR_MARGIN)) if self.apply_shear else 1
+        stretch = math.sqrt((1 + SHEAR_MARGIN) / (1 - SHEAR_MARGIN)) if self.apply_shear else 1
         for state in self._states.values():
             spec = _base_spec(state)
             # Larger boxes of the ladder have a finer dk: their grid's last index lies within
@@ -835,7 +395,7 @@ class CosmosGenerator(DrawBlendsGenerator):
                     stop = min(start + chunk, len(rows))
                     take = rows[np.arange(start, start + chunk).clip(max=stop - 1)]
                     part = jax.tree.map(lambda a, t=take: jnp.asarray(a[t]), blends)
-                    img, iso_part = _real_pipeline(
+                    img, iso_part = real_pipeline(
                         part, jnp.asarray(blend_ids[take]), self._tables, state.fluxes, psf_k,
                         sky, noise_key, self._tspec, spec, self.add_noise, self.isolated, chunk,
                     )

@@ -1477,10 +1477,10 @@ class ForwardModelMeasure:
         return state
 
     def _setup(self, batch, surveys, survey_name):
-        from btkjax.measure import _select_survey
+        from btkjax.measure import select_survey
         from btkjax.survey import get_mean_sky_level
 
-        images, wcs, multires = _select_survey(batch, surveys, survey_name)
+        images, wcs, multires = select_survey(batch, surveys, survey_name)
         psfs = batch["psf"] if not multires else batch["psf"][survey_name or surveys[0].name]
         survey = None
         if surveys:

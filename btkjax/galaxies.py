@@ -1,4 +1,4 @@
-"""From catalog rows and blends to the renderer's `Sources`.
+"""From catalog tables to the arrays the renderer's `Sources` are gathered from.
 
 A catalog becomes, once, a set of device arrays indexed by catalog row (`CatalogArrays`); a
 `Blends` (catalog rows, shifts, rotations, shears per slot) then becomes `Sources` by a jittable
@@ -12,34 +12,13 @@ component has ``hlr = sqrt(a * b)``, ``q = b / a`` and position angle ``pa`` (de
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from btkjax.render import CATSIM_KINDS, Sources
+from btkjax.core.render import CATSIM_KINDS
+from btkjax.core.sources import CatalogArrays, make_sources
 from btkjax.survey import get_flux
 
 __all__ = ["CatalogArrays", "catsim_arrays", "band_fluxes", "make_sources"]
-
-
-class CatalogArrays(NamedTuple):
-    """Per-row galaxy shapes of a catalog, [row, comp] (kinds given with the render spec).
-
-    Attributes:
-        frac: [row, comp] fraction of the band flux in each component (sums to 1).
-        hlr: [row, comp] half-light radius in arcsec (1 where the component has no flux).
-        q: [row, comp] axis ratio in (0, 1] (1 where the component has no flux).
-        beta: [row, comp] position angle in radians.
-        n: [row, comp] Sersic index.
-    """
-
-    frac: np.ndarray
-    hlr: np.ndarray
-    q: np.ndarray
-    beta: np.ndarray
-    n: np.ndarray
 
 
 def catsim_arrays(table) -> CatalogArrays:
@@ -87,39 +66,6 @@ def band_fluxes(table, survey, mag_column: str = "{band}_ab") -> np.ndarray:
             )
         out[:, b] = get_flux(np.asarray(table[column], dtype=float), survey, survey.get_filter(band))
     return out
-
-
-@jax.jit
-def make_sources(blends, arrays: CatalogArrays, fluxes) -> Sources:
-    """Gathers catalog rows into renderer sources.
-
-    Args:
-        blends: a `btkjax.samplers.Blends` ([blend, slot] index, mask, dx, dy, rotation in
-            degrees, g1, g2).
-        arrays: `CatalogArrays` as device arrays.
-        fluxes: [row, band] total flux in electrons.
-
-    Returns:
-        `Sources` with flux [blend, slot, band, comp].
-    """
-    idx = blends.index
-    mask = blends.mask
-    dtype = jnp.result_type(float)
-    flux = fluxes[idx][..., :, None] * arrays.frac[idx][..., None, :]
-    flux = jnp.where(mask[..., None, None], flux, 0.0).astype(dtype)
-    return Sources(
-        flux=flux,
-        hlr=arrays.hlr[idx].astype(dtype),
-        q=arrays.q[idx].astype(dtype),
-        beta=arrays.beta[idx].astype(dtype),
-        n=arrays.n[idx].astype(dtype),
-        dx=jnp.asarray(blends.dx, dtype),
-        dy=jnp.asarray(blends.dy, dtype),
-        rotation=jnp.radians(jnp.asarray(blends.rotation, dtype)),
-        g1=jnp.asarray(blends.g1, dtype),
-        g2=jnp.asarray(blends.g2, dtype),
-        mask=jnp.asarray(mask, bool),
-    )
 
 
 CATSIM_COMPONENT_KINDS = CATSIM_KINDS

@@ -70,7 +70,7 @@ def arcsec_to_pixel(wcs, ra, dec):
 # -- helpers for the built-in functions ----------------------------------------------------------
 
 
-def _select_survey(batch, surveys, survey_name):
+def select_survey(batch, surveys, survey_name):
     """(image [band, y, x] or channels_last, wcs, is_multiresolution) of the survey to measure."""
     images = batch["blend_images"]
     if not isinstance(images, dict):
@@ -153,7 +153,7 @@ def sep_singleband_measure(batch, idx, meas_band_num=3, use_mean=False, channels
     Returns:
         ``{"catalog", "segmentation", "deblended_images"}`` (only ``catalog`` for several surveys).
     """
-    image, wcs, multires = _select_survey(batch, surveys, survey_name)
+    image, wcs, multires = select_survey(batch, surveys, survey_name)
     image = np.asarray(image[idx])
     band_axis = -1 if channels_last else 0
     n_bands = image.shape[band_axis]
@@ -193,7 +193,7 @@ def sep_multiband_measure(batch, idx, channels_last=False, surveys=None, matchin
     Returns:
         ``{"catalog"}``.
     """
-    image, wcs, _ = _select_survey(batch, surveys, survey_name)
+    image, wcs, _ = select_survey(batch, surveys, survey_name)
     image = np.asarray(image[idx])
     band_axis = -1 if channels_last else 0
     xs = np.zeros(0)

@@ -33,11 +33,20 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from astropy.table import Table
 
-from btkjax import DEFAULT_SEED
+from btkjax.core.keys import DEFAULT_SEED
+from btkjax.core.samplers import (
+    Blends,
+    DensityOverflowWarning,
+    JaxDefaultSampler,
+    JaxDensitySampler,
+    JaxPairSampler,
+    rows_int32,
+)
 
 __all__ = [
     "SamplingFunction",
@@ -51,17 +60,15 @@ __all__ = [
     "DensityOverflowWarning",
     "resolve_mag_name",
     "magnitude_cut_rows",
+    "eligible_rows",
+    "blends_from_tables",
 ]
 
 _ARCSEC_PER_DEG = 3600.0
 
 
-class DensityOverflowWarning(UserWarning):
-    """A ``DensitySampling`` Poisson draw fell outside [min_number, max_number] and was clipped."""
-
-
 # ------------------------------------------------------------------------------------------------
-# helpers shared by the samplers (and by btkjax.samplers)
+# helpers shared by the samplers (and by the JAX samplers' set-up)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -98,6 +105,16 @@ def magnitude_cut_rows(
             f"range is {rng_txt} over {mag.size} rows."
         )
     return rows
+
+
+def eligible_rows(
+    table: Table, min_mag: float = -np.inf, max_mag: float = 25.3, mag_name: str = "ref_mag"
+) -> np.ndarray:
+    """Catalog rows (int32, increasing) with ``min_mag < mag <= max_mag``; computed on the host once
+    per catalog. ValueError naming the cut and the catalog's range if none pass. ``ref_mag`` falls
+    back to ``i_ab`` when absent."""
+    rows = magnitude_cut_rows(table, min_mag, max_mag, mag_name)
+    return rows_int32(rows)
 
 
 def _check_int(name: str, value) -> int:
@@ -214,7 +231,7 @@ class SamplingFunction:
         """The equivalent on-device sampler (see :mod:`btkjax.samplers`), built for ``table``."""
         raise NotImplementedError(
             f"{type(self).__name__} has no JAX array sampler; the generator must call it on the "
-            "host and convert its tables with btkjax.samplers.blends_from_tables."
+            "host and convert its tables with btkjax.sampling_functions.blends_from_tables."
         )
 
 
@@ -275,8 +292,6 @@ class DefaultSampling(SamplingFunction):
     def jax_sampler(self, table: Table, augment: bool = False):
         """A :class:`btkjax.samplers.JaxDefaultSampler` drawing from this sampler's distribution
         (the JAX and table samplers share distributions, not random streams)."""
-        from btkjax.samplers import JaxDefaultSampler
-
         return JaxDefaultSampler(
             eligible_rows=self.eligible_rows(table),
             max_number=self.max_number,
@@ -463,8 +478,6 @@ class PairSampling(SamplingFunction):
         return _blend_table(table, rows, dx, dy)
 
     def jax_sampler(self, table: Table, augment: bool = False):
-        from btkjax.samplers import JaxPairSampler
-
         return JaxPairSampler(
             bright_rows=self.bright_rows(table),
             dim_rows=self.dim_rows(table),
@@ -570,8 +583,6 @@ class DensitySampling(SamplingFunction):
         return _blend_table(table, rows, dx, dy)
 
     def jax_sampler(self, table: Table, augment: bool = False):
-        from btkjax.samplers import JaxDensitySampler
-
         return JaxDensitySampler(
             eligible_rows=self.eligible_rows(table),
             max_number=self.max_number,
@@ -730,3 +741,63 @@ class FriendsOfFriendsSampling(SamplingFunction):
                 "stamp_size or decrease max_number or link_distance."
             )
         return _blend_table(table, rows, dx, dy)
+
+
+# ------------------------------------------------------------------------------------------------
+# table -> arrays
+# ------------------------------------------------------------------------------------------------
+
+
+def blends_from_tables(
+    tables: Sequence[Table], max_number: int, catalog_size: int | None = None
+) -> Blends:
+    """Converts blend tables from a table sampler into padded numpy ``Blends`` (on the host).
+
+    Reads ``btk_index`` (catalog row), ``ra`` -> ``dx``, ``dec`` -> ``dy`` (arcsec), and optional
+    ``btk_rotation``, ``g1``, ``g2`` (0 when absent). Index is int32, mask bool, the rest float64.
+
+    Raises ValueError, naming the blend, if a table has more rows than ``max_number``, lacks
+    ``ra``/``dec``/``btk_index``, or (when ``catalog_size`` is given) has a ``btk_index`` outside
+    [0, catalog_size).
+    """
+    max_number = int(max_number)
+    if max_number < 1:
+        raise ValueError(f"max_number must be >= 1, got {max_number}.")
+    tables = list(tables)
+    n = len(tables)
+    index = np.zeros((n, max_number), dtype=np.int32)
+    mask = np.zeros((n, max_number), dtype=bool)
+    out = {name: np.zeros((n, max_number)) for name in ("dx", "dy", "rotation", "g1", "g2")}
+    for b, table in enumerate(tables):
+        missing = [c for c in ("ra", "dec") if c not in table.colnames]
+        if missing:
+            raise ValueError(
+                f"Blend table {b} lacks column(s) {missing}: a sampling function must return "
+                "'ra' and 'dec' offsets from the stamp center in arcsec."
+            )
+        if "btk_index" not in table.colnames:
+            raise ValueError(
+                f"Blend table {b} lacks the 'btk_index' column (each row's position in the "
+                "catalog table): keep it from the catalog table, or add it, e.g. "
+                "table[rows] followed by out['btk_index'] = rows."
+            )
+        k = len(table)
+        if k > max_number:
+            raise ValueError(
+                f"Blend table {b} has {k} rows, more than max_number = {max_number}: the "
+                "sampling function returned too many galaxies."
+            )
+        rows = np.asarray(table["btk_index"], dtype=np.int64)
+        if catalog_size is not None and k and (rows.min() < 0 or rows.max() >= catalog_size):
+            raise ValueError(
+                f"Blend table {b} has btk_index values {rows.tolist()} outside the catalog's "
+                f"rows [0, {catalog_size})."
+            )
+        index[b, :k] = rows
+        mask[b, :k] = True
+        out["dx"][b, :k] = np.asarray(table["ra"], dtype=float)
+        out["dy"][b, :k] = np.asarray(table["dec"], dtype=float)
+        for col, name in (("btk_rotation", "rotation"), ("g1", "g1"), ("g2", "g2")):
+            if col in table.colnames:
+                out[name][b, :k] = np.asarray(table[col], dtype=float)
+    return Blends(index=index, mask=mask, **out)

@@ -729,7 +729,7 @@ class ShardReader:
     def _load(self, entry: dict) -> dict:
         import h5py
 
-        from btkjax.utils import _read_table
+        from btkjax.utils import read_table
 
         path = os.path.join(self.out_dir, entry["file"])
         out = {}
@@ -740,7 +740,7 @@ class ShardReader:
                     out[key] = np.arange(entry["first_blend"], entry["stop_blend"], dtype=np.int64)
                 elif key == "blend_list":
                     tables = g["blend_list"]
-                    out[key] = [_read_table(tables, f"{i:06d}")
+                    out[key] = [read_table(tables, f"{i:06d}")
                                 for i in range(int(tables.attrs["length"]))]
                 else:
                     out[key] = g[key][()]

@@ -234,7 +234,7 @@ def _write_table(group, name: str, table: Table):
     group[name].attrs["table_class"] = type(table).__name__
 
 
-def _read_table(group, name: str) -> Table:
+def read_table(group, name: str) -> Table:
     from astropy.io.misc.hdf5 import read_table_hdf5
 
     node = group[name]
@@ -322,7 +322,7 @@ def _read_value(group, name: str):
     node = group[name]
     kind = node.attrs.get(_KIND)
     if kind in ("table", "empty_table"):
-        return _read_table(group, name)
+        return read_table(group, name)
     if kind == "dict":
         keys = json.loads(node.attrs["keys"])
         out = {}
@@ -619,7 +619,7 @@ def load_blend_results(path, survey_names=None, batch_index: int = 0, n_batch: i
             header = g.attrs["wcs"]
             out["wcs"][name] = WCS(Header.fromstring(header)) if header else None
             tables = g["blend_list"]
-            blend_list = [_read_table(tables, f"{i:06d}") for i in range(int(tables.attrs["length"]))]
+            blend_list = [read_table(tables, f"{i:06d}") for i in range(int(tables.attrs["length"]))]
             if len(blend_list) != n:
                 raise SavedResultsError(
                     f"{file}: survey {name} has {len(blend_list)} blend tables for {n} images."

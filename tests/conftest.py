@@ -11,9 +11,9 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CATSIM_SAMPLE = SHARED_DATA / "catsim" / "sample_input_catalog.fits"
-COSMOS_DIR = SHARED_DATA / "cosmos"
+DATA = Path(__file__).resolve().parent / "data"  # vendored inputs, see data/PROVENANCE.md
+CATSIM_SAMPLE = DATA / "catsim" / "sample_input_catalog.fits"
+COSMOS_DIR = DATA / "cosmos"
 
 
 @pytest.fixture

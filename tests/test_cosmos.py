@@ -219,14 +219,6 @@ def test_real_needs_images(param_catalog):
 
 def test_tutorial_cosmos_cells(monkeypatch):
     import btkjax as btk
-    from btkjax import cosmos
-
-    # BTK's names for the COSMOS classes (a no-op once catalog / draw_blends re-export them)
-    if not hasattr(btk.catalog, "CosmosCatalog"):
-        monkeypatch.setattr(btk.catalog, "CosmosCatalog", cosmos.CosmosCatalog, raising=False)
-    if not hasattr(btk.draw_blends, "CosmosGenerator"):
-        monkeypatch.setattr(btk.draw_blends, "CosmosGenerator", cosmos.CosmosGenerator,
-                            raising=False)
 
     COSMOS_CATALOG_PATHS = [str(p) for p in REAL_FILES]
     stamp_size = 24.0

@@ -6,18 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.table import Table
+from conftest import CATSIM_SAMPLE
 
 from btkjax.catalog import CATSIM_BANDS, CatsimCatalog
 from btkjax.tolerances import DEFAULT_CATALOG_COLOR_ATOL, DEFAULT_CATALOG_SIZE_RATIO
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "catsim"
-    / ("sample_input_catalog.fits")
-)
+SAMPLE = CATSIM_SAMPLE
 # Magnitude bins holding 18, 28, 26 and 28 of the sample's 100 galaxies.
 SIZE_BINS = (17.0, 25.0, 26.0, 27.0, 28.0)
 

@@ -9,7 +9,8 @@ from conftest import CATSIM_SAMPLE
 
 import btkjax as btk
 from btkjax import tolerances as tol
-from btkjax.draw_blends import CatsimGenerator, _pipeline
+from btkjax.draw_blends import CatsimGenerator
+from btkjax.generator import _pipeline
 from btkjax.sampling_functions import DefaultSampling, DefaultSamplingShear, SamplingFunction
 from btkjax.survey import get_surveys
 

@@ -7,13 +7,13 @@ with the exact distributions (chi-square, KS) at the p-value floor of ``toleranc
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from astropy.table import Table
+from conftest import CATSIM_SAMPLE
 from scipy import stats
 
 from btkjax import DEFAULT_SEED
@@ -22,8 +22,7 @@ from btkjax import sampling_functions as sf
 from btkjax.catalog import CatsimCatalog
 from btkjax.tolerances import SAMPLING_PVALUE_FLOOR
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CATSIM_FILE = DATA / "catsim" / "sample_input_catalog.fits"
+CATSIM_FILE = CATSIM_SAMPLE
 
 N_BLENDS = 4000
 MAX_NUMBER = 3

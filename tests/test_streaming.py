@@ -91,7 +91,7 @@ def test_two_devices_and_two_processes_give_the_same_files(reference, tmp_path):
     out = tmp_path / "two"
     run = _script(f"""
         import jax
-        from btkjax.draw_blends import _SHARDED
+        from btkjax.generator import _SHARDED
         for p in (1, 0):  # two "processes" of one run, one after the other
             streaming.generate(out_dir={str(out)!r}, batch_size=4, devices="all",
                                process_index=p, process_count=2, **KW)

@@ -7,11 +7,15 @@ BTK user changes.
 import re
 from pathlib import Path
 
+import pytest
+
 TUTORIAL = Path(__file__).resolve().parents[2] / "shared" / "seed" / "btk_tutorial.rst"
 
 
 def code_cells(start_heading: str, end_heading: str | None) -> list[str]:
     """The code cells between two section headings of the tutorial, in order."""
+    if not TUTORIAL.exists():
+        pytest.skip(f"the seed tutorial is not at {TUTORIAL} (only its own cells' tests read it)")
     text = TUTORIAL.read_text()
     lines = text.splitlines()
 
