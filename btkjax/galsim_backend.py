@@ -11,9 +11,10 @@ from __future__ import annotations
 import galsim
 import numpy as np
 
+from btkjax.core.kinds import get_kind
 from btkjax.core.render import RenderSpec, Sources
 
-__all__ = ["galsim_galaxy", "render_galsim", "render_cosmos_galsim", "tight_gsparams"]
+__all__ = ["GALSIM_PROFILES", "galsim_galaxy", "render_galsim", "render_cosmos_galsim", "tight_gsparams"]
 
 
 def tight_gsparams() -> galsim.GSParams:
@@ -28,20 +29,34 @@ def tight_gsparams() -> galsim.GSParams:
     )
 
 
+def _point(flux, hlr, n, gsparams):
+    # BTK draws the AGN as a Gaussian of sigma 1e-8 arcsec; GalSim's DeltaFunction is the same
+    # profile without the numerical width.
+    return galsim.DeltaFunction(flux=flux, gsparams=gsparams)
+
+
+GALSIM_PROFILES = {
+    "exponential": lambda flux, hlr, n, gsparams: galsim.Exponential(
+        flux=flux, half_light_radius=hlr, gsparams=gsparams),
+    "devaucouleurs": lambda flux, hlr, n, gsparams: galsim.DeVaucouleurs(
+        flux=flux, half_light_radius=hlr, gsparams=gsparams),
+    "sersic": lambda flux, hlr, n, gsparams: galsim.Sersic(
+        n=n, flux=flux, half_light_radius=hlr, gsparams=gsparams),
+    "gaussian": lambda flux, hlr, n, gsparams: galsim.Gaussian(
+        flux=flux, half_light_radius=hlr, gsparams=gsparams),
+    "point": _point,
+}
+"""The GalSim profile of each component kind of ``btkjax.core.kinds.KINDS`` (same names; a test
+checks it): ``GALSIM_PROFILES[kind](flux, hlr, n, gsparams)``."""
+
+
 def _component(kind: str, flux: float, hlr: float, n: float, gsparams):
-    if kind == "exponential":
-        return galsim.Exponential(flux=flux, half_light_radius=hlr, gsparams=gsparams)
-    if kind == "devaucouleurs":
-        return galsim.DeVaucouleurs(flux=flux, half_light_radius=hlr, gsparams=gsparams)
-    if kind == "sersic":
-        return galsim.Sersic(n=n, flux=flux, half_light_radius=hlr, gsparams=gsparams)
-    if kind == "gaussian":
-        return galsim.Gaussian(flux=flux, half_light_radius=hlr, gsparams=gsparams)
-    if kind == "point":
-        # BTK draws the AGN as a Gaussian of sigma 1e-8 arcsec; GalSim's DeltaFunction is the
-        # same profile without the numerical width.
-        return galsim.DeltaFunction(flux=flux, gsparams=gsparams)
-    raise ValueError(f"Unknown component kind {kind!r}")
+    try:
+        make = GALSIM_PROFILES[kind]
+    except KeyError:
+        raise ValueError(f"Unknown component kind {kind!r}; expected one of "
+                         f"{tuple(GALSIM_PROFILES)}.") from None
+    return make(flux, hlr, n, gsparams)
 
 
 def galsim_galaxy(sources: Sources, blend: int, slot: int, band: int, kinds, gsparams=None):
@@ -57,7 +72,7 @@ def galsim_galaxy(sources: Sources, blend: int, slot: int, band: int, kinds, gsp
             kind, flux, float(sources.hlr[blend, slot, c]), float(sources.n[blend, slot, c]),
             gsparams,
         )
-        if kind != "point":
+        if not get_kind(kind).is_point:
             prof = prof.shear(
                 q=float(sources.q[blend, slot, c]),
                 beta=float(sources.beta[blend, slot, c]) * galsim.radians,

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from btkjax.catalog import Catalog
 from btkjax.core.keys import DEFAULT_SEED
+from btkjax.core.kinds import get_kind
 from btkjax.core.samplers import Blends
 from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sources
 from btkjax.galsim_backend import render_galsim
@@ -489,7 +490,7 @@ class DrawBlendsGenerator:
         iso = np.zeros((n_rows, n_slot, n_band, s, s), dtype)
         # Galaxies without flux in their costly components (a de Vaucouleurs or Sersic bulge:
         # the table lookups) are drawn by a program without them.
-        costly = tuple(c for c, k in enumerate(state.kinds) if k in ("devaucouleurs", "sersic"))
+        costly = tuple(c for c, k in enumerate(state.kinds) if get_kind(k).costly)
         cheap = tuple(c for c in range(len(state.kinds)) if c not in costly)
         lacks = np.zeros(mask.shape, bool)
         if costly and cheap:

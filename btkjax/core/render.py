@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from btkjax.core import profiles
+from btkjax.core.kinds import KINDS, get_kind
 from btkjax.core.tolerances import FOLDING_THRESHOLD, MAXK_THRESHOLD
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
     "shift_phases",
 ]
 
-COMPONENT_KINDS = ("exponential", "devaucouleurs", "sersic", "point", "gaussian")
+COMPONENT_KINDS = tuple(KINDS)  # the registry of btkjax.core.kinds
 CATSIM_KINDS = ("exponential", "devaucouleurs", "point")
 """CatSim galaxies: disk, bulge, AGN, in this order (flux columns follow it)."""
 
@@ -132,9 +133,9 @@ class RenderSpec:
                 f"fft_size must be even and >= stamp_pixels={self.stamp_pixels}, got "
                 f"{self.fft_size}."
             )
-        unknown = [k for k in self.kinds if k not in COMPONENT_KINDS]
+        unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
-            raise ValueError(f"Unknown component kinds {unknown}; expected {COMPONENT_KINDS}.")
+            raise ValueError(f"Unknown component kinds {unknown}; expected {tuple(KINDS)}.")
         half = self.fft_size // 2
         if not half <= max(self.n_alias_y, half) < self.fft_size:
             raise ValueError(f"n_alias_y={self.n_alias_y} must be < fft_size={self.fft_size}.")
@@ -195,21 +196,6 @@ def to_stamp(kimage: jax.Array, spec: RenderSpec) -> jax.Array:
     n, s = spec.fft_size, spec.stamp_pixels
     image = jnp.fft.irfft2(kimage, s=(n, n), axes=(-2, -1))
     return image[..., :s, :s]
-
-
-def _profile_kvalue(kind: str, ksq, hlr, n):
-    if kind == "exponential":
-        return profiles.exponential_kvalue(ksq, hlr)
-    if kind == "devaucouleurs":
-        return profiles.devaucouleurs_kvalue(ksq, hlr)
-    if kind == "sersic":
-        return profiles.sersic_kvalue(ksq, n, hlr)
-    if kind == "gaussian":
-        # hlr of a Gaussian: sigma * sqrt(2 ln 2)
-        return profiles.gaussian_kvalue(ksq, hlr / math.sqrt(2 * math.log(2)))
-    if kind == "point":
-        return jnp.ones_like(ksq)
-    raise ValueError(f"Unknown component kind {kind!r}")  # pragma: no cover
 
 
 def grid_blocks(spec: RenderSpec):
@@ -328,7 +314,7 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky, geometry=None):
     kxy = ky[:, None] * kx[None, :]
     comps = []
     for c, kind in enumerate(spec.kinds):
-        if kind == "point":
+        if get_kind(kind).is_point:
             comps.append(jnp.ones((sources.flux.shape[0], ky.shape[0], kx.shape[0]), dtype))
             continue
         ksq = (
@@ -336,7 +322,7 @@ def _galaxy_kvalues(sources: Sources, spec: RenderSpec, kx, ky, geometry=None):
             + 2 * mxy[:, c, None, None] * kxy
             + myy[:, c, None, None] * ky2
         )
-        value = _profile_kvalue(kind, ksq, hlr[:, c, None, None], n[:, c, None, None])
+        value = get_kind(kind).kvalue(ksq, hlr[:, c, None, None], n[:, c, None, None])
         comps.append(value.astype(dtype))
     shape_k = jnp.stack(comps, axis=1)  # [slot, comp, Ry, Cx] real
     cos, sin = shift_phases(sources.dx, sources.dy, kx, ky, spec)
@@ -545,16 +531,16 @@ def row_extents(kinds, hlr, q, n, has_flux, psf_fwhm: float, threshold=FOLDING_T
     n = np.asarray(n, dtype=float)
     has_flux = np.asarray(has_flux, bool)
     out = np.zeros(hlr.shape[0])
-    index = {"exponential": 1.0, "devaucouleurs": 4.0}
-    for c, kind in enumerate(kinds):
-        if kind == "point":
+    for c, name in enumerate(kinds):
+        kind = get_kind(name)
+        if kind.is_point:
             continue
-        if kind == "gaussian":
+        if kind.extent == "gaussian":
             sigma = hlr[:, c] / math.sqrt(2 * math.log(2))
             ext = sigma * math.sqrt(2 * math.log(1 / threshold))
         else:
-            ext = sersic_extent(hlr[:, c], n[:, c] if kind == "sersic" else index[kind],
-                                psf_fwhm / 2, threshold)
+            index = n[:, c] if kind.sersic_index is None else kind.sersic_index
+            ext = sersic_extent(hlr[:, c], index, psf_fwhm / 2, threshold)
         out = np.maximum(out, np.where(has_flux[:, c], ext + psf_fwhm, 0.0))
     return out
 
