@@ -194,3 +194,29 @@ def test_killed_run_resumes_to_the_same_files(reference, tmp_path):
     assert resumed["complete"]
     assert sorted(os.listdir(killed)) == NAMES
     _same_files(out, killed)
+
+
+def test_command_line_streams_cosmos(reference, tmp_path, capsys):
+    """``btkjax stream --cosmos ... --gal-type ...``: the files of the Python run."""
+    from btkjax.cli import main
+
+    gal_type, out = reference
+    cli = tmp_path / "cli"
+    args = ["stream", "--cosmos", *map(str, FILES[gal_type]), "--gal-type", gal_type,
+            "--cosmos-exclusion", "none", "--n-blends", "4", "--shard-size", "2",
+            "--batch-size", "2", "--seed", "3", "--stamp-size", "8", "--max-shift", "1.0",
+            "--max-number", "2", "--no-progress", "--out", str(cli)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0
+    assert "4 blends in 2 shard(s) of up to 2" in capsys.readouterr().out
+    _same_files(out, cli)
+    # --gal-type without --cosmos, --cosmos with --catalog: exit 2, one line naming the option
+    assert main(["stream", "--n-blends", "4", "--out", str(tmp_path / "x"), "--gal-type",
+                 "real"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["btkjax stream: error: --gal-type real needs --cosmos (CatSim galaxies have "
+                   "no galaxy type)."]
+    assert main(["stream", "--n-blends", "4", "--out", str(tmp_path / "x"), "--cosmos",
+                 str(FILES[gal_type][0]), "--catalog", str(FILES[gal_type][0])]) == 2
+    assert "--cosmos and --catalog exclude each other" in capsys.readouterr().err
