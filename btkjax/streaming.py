@@ -193,8 +193,9 @@ def _cosmos_digest(catalog, gal_type: str, real_pad_factor: float) -> dict:
         from astropy.table import Table
 
         folder = os.path.dirname(os.path.abspath(catalog.real_file))
+        table = Table.read(catalog.real_file)
         names = sorted({str(x).strip() for col in ("GAL_FILENAME", "PSF_FILENAME")
-                        for x in Table.read(catalog.real_file)[col]})
+                        if col in table.colnames for x in table[col]})
         sizes = [os.path.getsize(os.path.join(folder, n))
                  if os.path.exists(os.path.join(folder, n)) else None for n in names]
         out["image_files"] = [[n, size] for n, size in zip(names, sizes, strict=True)]
