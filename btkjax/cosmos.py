@@ -98,6 +98,7 @@ from btkjax.generator import DrawBlendsGenerator
 __all__ = [
     "COSMOS_PIXEL_SCALE",
     "COSMOS_KINDS",
+    "REAL_PAD_FACTOR",
     "EXCLUSION_LEVELS",
     "CosmosCatalog",
     "CosmosGenerator",
@@ -116,6 +117,8 @@ COSMOS_KINDS = ("sersic", "devaucouleurs", "exponential")
 """Components of a parametric COSMOS galaxy: single Sersic, or bulge + disk."""
 
 _KVALUE_ACCURACY = galsim.GSParams().kvalue_accuracy  # GalSim's Deconvolve threshold (1e-5)
+REAL_PAD_FACTOR = 4.0
+"""Default oversampling of the real-galaxy k-tables (GalSim's InterpolatedImage pad_factor)."""
 SHEAR_MARGIN = 0.3  # |g| whose stretch the real-galaxy tables cover when shears are applied
 
 
@@ -186,7 +189,8 @@ def _dft_matrix(n, scale, k):
     return np.exp(-1j * k[:, None] * pos[None, :])
 
 
-def real_galaxy_tables(galsim_catalog, kmax: float, pad_factor: float = 4.0, rows=None):
+def real_galaxy_tables(galsim_catalog, kmax: float, pad_factor: float = REAL_PAD_FACTOR,
+                       rows=None):
     """Tabulates GalSim's RealGalaxy transform (image / HST PSF) per catalog row, on the host.
 
     Args:
@@ -321,7 +325,7 @@ class CosmosGenerator(DrawBlendsGenerator):
                  isolated: bool = True, apply_shear: bool = False, augment_data: bool = False,
                  channels_last: bool = False, use_bar=None, dtype: str = "float32",
                  chunk: int = 32, gal_type: str = "real", galsim_gsparams=None,
-                 real_pad_factor: float = 4.0, devices=None):
+                 real_pad_factor: float = REAL_PAD_FACTOR, devices=None):
         if gal_type not in ("real", "parametric"):
             raise ValueError(f"gal_type must be 'real' or 'parametric', got {gal_type!r}.")
         self.gal_type = gal_type

@@ -97,7 +97,6 @@ STREAM_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PER_BLEND_KEYS = ("blend_images", "isolated_images", "blend_list", "blend_ids")
 _RUNS = 0  # multi-process runs of this process (names their barriers)
-_REAL_PAD_FACTOR = 4.0  # CosmosGenerator's default oversampling of the real-galaxy tables
 _PER_PROCESS = re.compile(r"^manifest-(\d{5})-of-(\d{5})\.json$")
 
 
@@ -496,7 +495,7 @@ def generate(
     import jax
 
     from btkjax.catalog import CatsimCatalog, CosmosCatalog
-    from btkjax.cosmos import CosmosGenerator
+    from btkjax.cosmos import REAL_PAD_FACTOR, CosmosGenerator
     from btkjax.draw_blends import CatsimGenerator
     from btkjax.noise import check_noise_mode
     from btkjax.sampling_functions import DefaultSampling
@@ -526,7 +525,7 @@ def generate(
         gal_type = "real" if gal_type is None else gal_type
         if gal_type not in ("real", "parametric"):
             raise ValueError(f"gal_type must be 'real' or 'parametric', got {gal_type!r}.")
-        cosmos = _cosmos_digest(catalog, gal_type, _REAL_PAD_FACTOR)
+        cosmos = _cosmos_digest(catalog, gal_type, REAL_PAD_FACTOR)
     elif not isinstance(catalog, CatsimCatalog):
         raise TypeError(f"catalog must be a CatsimCatalog or a CosmosCatalog, got "
                         f"{type(catalog).__name__}.")
