@@ -2,8 +2,9 @@
 devices and processes; kill + resume; the config names the COSMOS options.
 
 The reference runs happen in this process (their compilations are shared by the tests); the
-runs that must be separate processes (2 devices: XLA_FLAGS before JAX starts; a SIGKILL) are
-subprocesses with the same JAX configuration (x64 as here), so that files compare byte for byte.
+runs that must be in another process (2 devices: XLA_FLAGS before JAX starts; a SIGKILL) share
+one subprocess per galaxy type, with the same JAX configuration (x64 as here), so that files
+compare byte for byte.
 """
 
 import json
@@ -154,11 +155,13 @@ def test_other_batch_and_shard_sizes_give_the_same_blends(reference, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_two_devices_and_two_processes_give_the_same_files(reference, tmp_path):
-    """The blends split over a 2-device mesh (CosmosGenerator devices="all") and the shards
-    over 2 (simulated) processes: the files of the single-device run."""
+def test_two_devices_two_processes_and_a_kill_give_the_same_files(reference, tmp_path):
+    """In one 2-device subprocess (one compilation for both runs): (1) the blends split over a
+    2-device mesh (CosmosGenerator devices="all") and the shards over 2 (simulated) processes;
+    (2) a run SIGKILLed once its first shard is written, then resumed here, on one device, in
+    other batches. Both give the files of the single-device run, byte for byte."""
     gal_type, out = reference
-    two = tmp_path / "two"
+    two, killed = tmp_path / "two", tmp_path / "killed"
     run = _run(gal_type, f"""
         import jax
         from btkjax import cosmos, generator
@@ -167,29 +170,23 @@ def test_two_devices_and_two_processes_give_the_same_files(reference, tmp_path):
                                batch_size=2, devices="all", process_index=p, process_count=2,
                                **KW)
         cache = cosmos._SHARDED_REAL if {gal_type!r} == "real" else generator._SHARDED
-        print("devices", len(jax.devices()), "mesh", max(k[0].size for k in cache))
+        print("devices", len(jax.devices()), "mesh", max(k[0].size for k in cache), flush=True)
+
+        def die(k, path):  # SIGKILL once the first shard is written and listed
+            os.kill(os.getpid(), signal.SIGKILL)
+        streaming.generate(out_dir={str(killed)!r}, catalog=cat, gal_type={gal_type!r},
+                           batch_size=1, devices="all", on_shard=die, **KW)
     """, n_devices=2)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == -signal.SIGKILL, run.stderr
     assert "devices 2 mesh 2" in run.stdout  # the renderer really ran over 2 devices
     streaming.merge_manifests(two)
     _same_files(out, two)
 
-
-def test_killed_run_resumes_to_the_same_files(reference, tmp_path):
-    gal_type, out = reference
-    killed = tmp_path / "killed"
-    run = _run(gal_type, f"""
-        def die(k, path):  # SIGKILL once the first shard is written and listed
-            os.kill(os.getpid(), signal.SIGKILL)
-        streaming.generate(out_dir={str(killed)!r}, catalog=cat, gal_type={gal_type!r},
-                           batch_size=1, on_shard=die, **KW)
-    """)
-    assert run.returncode == -signal.SIGKILL, run.stderr
     manifest = json.loads((killed / "manifest.json").read_text())
     assert [s["index"] for s in manifest["shards"]] == [0] and not manifest["complete"]
     with pytest.raises(streaming.ManifestError, match="not complete"):
         streaming.ShardReader(killed, batch_size=2)
-    # resumed here, in batches of 2 (the batch size is not part of the config)
+    # resumed here, in batches of 2 (neither batch size nor devices are part of the config)
     resumed = _generate(gal_type, killed, batch_size=2, resume=True)
     assert resumed["complete"]
     assert sorted(os.listdir(killed)) == NAMES
