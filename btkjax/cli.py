@@ -5,7 +5,9 @@ with flag overrides: generate N blends, optionally measure and score them, and s
 under ``--out`` (HDF5, see `btkjax.utils`), with a progress bar and a summary at the end.
 
 ``btkjax stream``: stream many blends to HDF5 shards with a manifest, resumable
-(`btkjax.streaming`): ``btkjax stream --n-blends 100000 --out DIR [--shard-size S] [--resume]``.
+(`btkjax.streaming`): ``btkjax stream --n-blends 100000 --out DIR [--shard-size S] [--resume]``;
+COSMOS galaxies with ``--cosmos CATALOG [FITS_CATALOG] [--gal-type parametric]``; one process per
+host or GPU with ``--distributed`` (``jax.distributed.initialize()``, e.g. under SLURM).
 
 ``btkjax demo``: the main job on the embedded default catalog: generate a batch of LSST blends
 on the JAX path, write a picture of the first ones, print a summary.
@@ -421,6 +423,14 @@ def _add_stream_parser(sub):
     st.add_argument("--noise", default="all", choices=NOISE_MODES)
     st.add_argument("--catalog", default="default",
                     help="'default' (embedded catalog) or a catalog file path")
+    st.add_argument("--cosmos", nargs="+", default=None, metavar="FILE",
+                    help="draw COSMOS galaxies (CosmosGenerator) from GalSim's COSMOS catalog: "
+                         "the real-galaxy catalog file [and its _fits file]; instead of --catalog")
+    st.add_argument("--gal-type", default=None, choices=("real", "parametric"),
+                    help="with --cosmos: HST images or parametric fits (default: real)")
+    st.add_argument("--cosmos-exclusion", default="marginal",
+                    choices=("none", "bad_stamp", "bad_fits", "marginal"),
+                    help="with --cosmos: GalSim's exclusion level (default: %(default)s)")
     st.add_argument("--max-number", type=int, default=3, help="galaxies per blend at most")
     st.add_argument("--max-shift", type=float, default=None,
                     help="arcsec (default: stamp size / 10)")
@@ -449,6 +459,18 @@ def _stream(args) -> int:
     if args.catalog != "default" and not os.path.isfile(args.catalog):
         raise ConfigError(f"--catalog must be 'default' or an existing file, got "
                           f"{args.catalog!r} (no such file).")
+    if args.cosmos is not None:
+        if args.catalog != "default":
+            raise ConfigError("--cosmos and --catalog exclude each other (one catalog per run).")
+        if len(args.cosmos) > 2:
+            raise ConfigError(f"--cosmos takes the real-galaxy catalog and, optionally, its fits "
+                              f"catalog: 1 or 2 files, got {len(args.cosmos)}.")
+        for f in args.cosmos:
+            if not os.path.isfile(f):
+                raise ConfigError(f"--cosmos file {f!r} does not exist.")
+    elif args.gal_type is not None:
+        raise ConfigError(f"--gal-type {args.gal_type} needs --cosmos (CatSim galaxies have no "
+                          "galaxy type).")
     from btkjax.survey import available_surveys
 
     for s in args.surveys:
@@ -468,10 +490,18 @@ def _stream(args) -> int:
 
     import btkjax
     from btkjax import streaming
-    from btkjax.catalog import CatsimCatalog
+    from btkjax.catalog import CatsimCatalog, CosmosCatalog
 
-    catalog = (CatsimCatalog.default() if args.catalog == "default"
-               else CatsimCatalog.from_file(args.catalog))
+    try:
+        if args.cosmos is not None:
+            catalog = CosmosCatalog.from_file(
+                args.cosmos[0] if len(args.cosmos) == 1 else args.cosmos,
+                exclusion_level=args.cosmos_exclusion)
+        else:
+            catalog = (CatsimCatalog.default() if args.catalog == "default"
+                       else CatsimCatalog.from_file(args.catalog))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the catalog: {err}") from None
     try:
         manifest = streaming.generate(
             args.n_blends, args.out, catalog=catalog, surveys=args.surveys,
@@ -481,6 +511,7 @@ def _stream(args) -> int:
             compression=None if args.compression == "none" else args.compression,
             devices=devices, resume=args.resume, process_index=args.process_index,
             process_count=args.process_count, progress=not args.no_progress,
+            gal_type=args.gal_type,
         )
     except (streaming.ManifestError, FileExistsError) as err:
         raise ConfigError(str(err)) from None

@@ -65,6 +65,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from functools import partial
 
 import galsim
 import jax
@@ -97,6 +98,7 @@ from btkjax.generator import DrawBlendsGenerator
 __all__ = [
     "COSMOS_PIXEL_SCALE",
     "COSMOS_KINDS",
+    "REAL_PAD_FACTOR",
     "EXCLUSION_LEVELS",
     "CosmosCatalog",
     "CosmosGenerator",
@@ -115,6 +117,8 @@ COSMOS_KINDS = ("sersic", "devaucouleurs", "exponential")
 """Components of a parametric COSMOS galaxy: single Sersic, or bulge + disk."""
 
 _KVALUE_ACCURACY = galsim.GSParams().kvalue_accuracy  # GalSim's Deconvolve threshold (1e-5)
+REAL_PAD_FACTOR = 4.0
+"""Default oversampling of the real-galaxy k-tables (GalSim's InterpolatedImage pad_factor)."""
 SHEAR_MARGIN = 0.3  # |g| whose stretch the real-galaxy tables cover when shears are applied
 
 
@@ -185,7 +189,8 @@ def _dft_matrix(n, scale, k):
     return np.exp(-1j * k[:, None] * pos[None, :])
 
 
-def real_galaxy_tables(galsim_catalog, kmax: float, pad_factor: float = 4.0, rows=None):
+def real_galaxy_tables(galsim_catalog, kmax: float, pad_factor: float = REAL_PAD_FACTOR,
+                       rows=None):
     """Tabulates GalSim's RealGalaxy transform (image / HST PSF) per catalog row, on the host.
 
     Args:
@@ -251,6 +256,35 @@ def _base_spec(state) -> RenderSpec:
     return spec(state.ladder[0]) if callable(spec) else spec
 
 
+def _by_blend(mesh):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return NamedSharding(mesh, P("blend"))
+
+
+_SHARDED_REAL = {}
+
+
+def _sharded_real_pipeline(mesh, tspec, spec, mode, isolated, chunk):
+    """`real_pipeline` with its blend axis split over `mesh` ("blend"): each device runs the
+    single-device program on its own `chunk` blends (shard_map), so that the images do not
+    depend on the number of devices."""
+    key = (mesh, tspec, spec, mode, isolated, chunk)
+    if key not in _SHARDED_REAL:
+        from jax.sharding import PartitionSpec as P
+
+        def body(blends, blend_ids, tables, fluxes, psf_k, sky, noise_key):
+            return real_pipeline(blends, blend_ids, tables, fluxes, psf_k, sky, noise_key, tspec,
+                                 spec, mode, isolated, chunk)
+
+        blend = P("blend")
+        _SHARDED_REAL[key] = jax.jit(jax.shard_map(
+            body, mesh=mesh, in_specs=(blend, blend, P(), P(), P(), P(), P()), out_specs=blend,
+            check_vma=False))
+    return _SHARDED_REAL[key]
+
+
 class _BandColumns(str):
     """A magnitude-column 'format string' that maps each band to its own column."""
 
@@ -270,7 +304,10 @@ class CosmosGenerator(DrawBlendsGenerator):
         catalog: a `CosmosCatalog` (from `CosmosCatalog.from_file`).
         sampling_function, surveys, batch_size, stamp_size, cpus, verbose, add_noise, seed,
             save_path, backend, isolated, apply_shear, augment_data, channels_last, use_bar,
-            dtype, chunk: as `btkjax.draw_blends.DrawBlendsGenerator`.
+            dtype, chunk, devices: as `btkjax.draw_blends.DrawBlendsGenerator`. With
+            ``devices``, parametric galaxies are sharded as CatSim's are; real galaxies run the
+            single-device program on ``chunk`` blends per device (the k-tables replicated on
+            every device), so the images are bit-identical to a single-device run.
         gal_type: "real" (default, BTK's) or "parametric".
         galsim_gsparams: GSParams of the GalSim backend (default GalSim's).
         real_pad_factor: oversampling of the real-galaxy k-tables (see the module docstring).
@@ -288,7 +325,7 @@ class CosmosGenerator(DrawBlendsGenerator):
                  isolated: bool = True, apply_shear: bool = False, augment_data: bool = False,
                  channels_last: bool = False, use_bar=None, dtype: str = "float32",
                  chunk: int = 32, gal_type: str = "real", galsim_gsparams=None,
-                 real_pad_factor: float = 4.0):
+                 real_pad_factor: float = REAL_PAD_FACTOR, devices=None):
         if gal_type not in ("real", "parametric"):
             raise ValueError(f"gal_type must be 'real' or 'parametric', got {gal_type!r}.")
         self.gal_type = gal_type
@@ -300,8 +337,9 @@ class CosmosGenerator(DrawBlendsGenerator):
                          save_path=save_path, backend=backend, isolated=isolated,
                          apply_shear=apply_shear, augment_data=augment_data,
                          channels_last=channels_last, use_bar=use_bar, dtype=dtype, chunk=chunk,
-                         **kwargs)
+                         devices=devices, **kwargs)
         self._tables = None
+        self._mesh_tables = None  # the k-tables replicated over the mesh (built once)
         if gal_type == "real" and backend == "jax":
             self._build_tables()
 
@@ -387,23 +425,49 @@ class CosmosGenerator(DrawBlendsGenerator):
         images = np.empty((n, n_band, s, s), np_dtype)
         iso = np.empty((n, self.max_number, n_band, s, s), np_dtype) if self.isolated else None
         chunk = self.chunk
+        mesh = self._mesh
+        per_call = chunk if mesh is None else chunk * mesh.size
+        if mesh is not None:
+            fluxes, psf_ks, sky, noise_key, tables = self._replicated(
+                mesh, state, sky, noise_key, [int(x) for x in np.unique(sizes)])
         with self._bar(state.name) as bar:
             for size in np.unique(sizes):
                 rows = np.flatnonzero(sizes == size)
-                spec, psf_k = state.spec(int(size)), state.psf_k(int(size))
-                for start in range(0, len(rows), chunk):
-                    stop = min(start + chunk, len(rows))
-                    take = rows[np.arange(start, start + chunk).clip(max=stop - 1)]
-                    part = jax.tree.map(lambda a, t=take: jnp.asarray(a[t]), blends)
-                    img, iso_part = real_pipeline(
-                        part, jnp.asarray(blend_ids[take]), self._tables, state.fluxes, psf_k,
-                        sky, noise_key, self._tspec, spec, self.add_noise, self.isolated, chunk,
-                    )
+                spec = state.spec(int(size))
+                if mesh is None:
+                    fn = partial(real_pipeline, tspec=self._tspec, spec=spec,
+                                 mode=self.add_noise, isolated=self.isolated, chunk=chunk)
+                    args = (self._tables, state.fluxes, state.psf_k(int(size)), sky, noise_key)
+                else:
+                    fn = _sharded_real_pipeline(mesh, self._tspec, spec, self.add_noise,
+                                                self.isolated, chunk)
+                    args = (tables, fluxes, psf_ks[int(size)], sky, noise_key)
+                for start in range(0, len(rows), per_call):
+                    stop = min(start + per_call, len(rows))
+                    take = rows[np.arange(start, start + per_call).clip(max=stop - 1)]
+                    part = jax.tree.map(lambda a, t=take: a[t], blends)
+                    ids = blend_ids[take]
+                    if mesh is not None:  # pieces of `chunk` blends, one per device
+                        part, ids = jax.device_put((part, ids), _by_blend(mesh))
+                    img, iso_part = fn(part, ids, *args)
                     images[rows[start:stop]] = np.asarray(img)[: stop - start]
                     if self.isolated:
                         iso[rows[start:stop]] = np.asarray(iso_part)[: stop - start]
                     bar.update(stop - start)
         return images, iso, psfs
+
+    def _replicated(self, mesh, state, sky, noise_key, sizes):
+        """The inputs every device needs whole, placed once on the mesh (replicated): the
+        k-tables (built once per generator), the fluxes, the PSFs of the FFT `sizes`."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        replicated = NamedSharding(mesh, P())
+        if self._mesh_tables is None:
+            self._mesh_tables = jax.device_put(self._tables, replicated)
+        psf_ks = {n: jax.device_put(state.psf_k(n), replicated) for n in sizes}
+        fluxes, sky, noise_key = jax.device_put((state.fluxes, sky, noise_key), replicated)
+        return fluxes, psf_ks, sky, noise_key, self._mesh_tables
 
     # -- GalSim backend -------------------------------------------------------------------------
 

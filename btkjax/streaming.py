@@ -1,8 +1,9 @@
 """Streaming generation of large data sets: HDF5 shards, a manifest, resume, and a reader.
 
-`generate` draws ``n_blends`` blends with a `CatsimGenerator` and writes them, as they are made,
-to shards of ``shard_size`` blends under ``out_dir``; `ShardReader` iterates the shards as numpy
-or JAX batches for training loops. The command line is ``btkjax stream`` (`btkjax.cli`).
+`generate` draws ``n_blends`` blends with a `CatsimGenerator` (a `CatsimCatalog`) or a
+`CosmosGenerator` (a `CosmosCatalog`, ``gal_type`` "real" or "parametric") and writes them, as
+they are made, to shards of ``shard_size`` blends under ``out_dir``; `ShardReader` iterates the
+shards as numpy or JAX batches for training loops. The command line is ``btkjax stream`` (`btkjax.cli`).
 
 Files under ``out_dir``::
 
@@ -48,7 +49,8 @@ devices (`jax.sharding`, see `btkjax.draw_blends.DrawBlendsGenerator`). Several 
 per host, started by the user, joined with ``jax.distributed.initialize()`` before calling
 `generate`) split the shards: process p of P writes the shards with ``index % P == p`` and its
 own manifest ``manifest-{p:05d}-of-{P:05d}.json``; when all are done, process 0 merges them into
-``manifest.json`` (after a barrier, when ``jax.distributed`` is initialized; otherwise call
+``manifest.json`` (after a barrier through the ``jax.distributed`` coordinator, `barrier`, which
+needs no cross-process collectives, when ``jax.distributed`` is initialized; otherwise call
 `merge_manifests` — `ShardReader` also merges per-process manifests on the fly). Processes share
 no work and exchange no arrays, so each renders on its local devices only. ``process_index`` and
 ``process_count`` may also be given explicitly (e.g. from a batch scheduler, without
@@ -86,6 +88,7 @@ __all__ = [
     "manifest_file",
     "read_manifest",
     "merge_manifests",
+    "barrier",
     "ShardReader",
 ]
 
@@ -93,6 +96,7 @@ STREAM_FORMAT = "btkjax.stream"
 STREAM_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PER_BLEND_KEYS = ("blend_images", "isolated_images", "blend_list", "blend_ids")
+_RUNS = 0  # multi-process runs of this process (names their barriers)
 _PER_PROCESS = re.compile(r"^manifest-(\d{5})-of-(\d{5})\.json$")
 
 
@@ -178,14 +182,36 @@ def _survey_digest(survey) -> dict:
     return {"name": survey.name, "bands": list(survey.available_filters), "sha256": digest}
 
 
+def _cosmos_digest(catalog, gal_type: str, real_pad_factor: float) -> dict:
+    """What a COSMOS run depends on beyond the catalog's table: the galaxy type, the real-galaxy
+    tables' oversampling and, for real galaxies, the image and PSF files the catalog names
+    (names and sizes: hashing GBs of HST images at every resume would cost more than it
+    guards)."""
+    out = {"gal_type": gal_type, "real_pad_factor": float(real_pad_factor)}
+    if gal_type == "real" and getattr(catalog, "real_file", None):
+        from astropy.table import Table
+
+        folder = os.path.dirname(os.path.abspath(catalog.real_file))
+        table = Table.read(catalog.real_file)
+        names = sorted({str(x).strip() for col in ("GAL_FILENAME", "PSF_FILENAME")
+                        if col in table.colnames for x in table[col]})
+        sizes = [os.path.getsize(os.path.join(folder, n))
+                 if os.path.exists(os.path.join(folder, n)) else None for n in names]
+        out["image_files"] = [[n, size] for n, size in zip(names, sizes, strict=True)]
+    return out
+
+
 def stream_config(catalog, sampling_function, surveys, n_blends, shard_size, seed, add_noise,
-                  stamp_size, isolated, dtype, compression) -> dict:
+                  stamp_size, isolated, dtype, compression, cosmos: dict | None = None) -> dict:
     """Everything the shards' contents depend on (and nothing they do not: the batch size, the
-    devices and the processes are left out, so that a run may resume with other ones)."""
+    devices and the processes are left out, so that a run may resume with other ones).
+
+    ``cosmos`` (COSMOS runs only): the `CosmosGenerator` options (`_cosmos_digest`), stored
+    under the "cosmos" key; a CatSim config has no such key."""
     import jax
 
-    return {
-        "generator": "CatsimGenerator",
+    config = {
+        "generator": "CatsimGenerator" if cosmos is None else "CosmosGenerator",
         "n_blends": int(n_blends),
         "shard_size": int(shard_size),
         "seed": int(seed),
@@ -201,6 +227,9 @@ def stream_config(catalog, sampling_function, surveys, n_blends, shard_size, see
                               "params": _simple_params(sampling_function)},
         "jax_enable_x64": bool(jax.config.jax_enable_x64),
     }
+    if cosmos is not None:
+        config["cosmos"] = cosmos
+    return config
 
 
 def _diff_keys(old, new, prefix="") -> list[str]:
@@ -422,13 +451,16 @@ def generate(
     progress: bool = False,
     background_write: bool = True,
     on_shard=None,
+    gal_type: str | None = None,
 ) -> dict:
     """Streams `n_blends` blends to HDF5 shards under `out_dir` (see the module's doc).
 
     Args:
         n_blends: number of blends (global ids 0 .. n_blends - 1).
         out_dir: output folder (created if missing).
-        catalog: a `CatsimCatalog` (default: `CatsimCatalog.default()`).
+        catalog: a `CatsimCatalog` (default: `CatsimCatalog.default()`), drawn by
+            `CatsimGenerator`, or a `CosmosCatalog` (from `CosmosCatalog.from_file`), drawn by
+            `CosmosGenerator` with `gal_type`.
         sampling_function: a sampling function with a JAX sampler (built-in ones), whose blends
             depend only on their global index (default: ``DefaultSampling(max_number,
             stamp_size=stamp_size, max_shift=max_shift, seed=seed)``).
@@ -450,6 +482,8 @@ def generate(
         background_write: write shards in a background thread while the next one is drawn.
         on_shard: optional callback ``on_shard(shard_index, path)`` after each shard is written
             and listed in the manifest.
+        gal_type: COSMOS catalogs only: "real" (default, HST images) or "parametric" (the
+            fits), as `CosmosGenerator`. Part of the config.
 
     Returns:
         This process's manifest (a dict, as written).
@@ -460,7 +494,8 @@ def generate(
     """
     import jax
 
-    from btkjax.catalog import CatsimCatalog
+    from btkjax.catalog import CatsimCatalog, CosmosCatalog
+    from btkjax.cosmos import REAL_PAD_FACTOR, CosmosGenerator
     from btkjax.draw_blends import CatsimGenerator
     from btkjax.noise import check_noise_mode
     from btkjax.sampling_functions import DefaultSampling
@@ -485,6 +520,18 @@ def generate(
                          f"{process_count}.")
 
     catalog = CatsimCatalog.default() if catalog is None else catalog
+    cosmos = None
+    if isinstance(catalog, CosmosCatalog):
+        gal_type = "real" if gal_type is None else gal_type
+        if gal_type not in ("real", "parametric"):
+            raise ValueError(f"gal_type must be 'real' or 'parametric', got {gal_type!r}.")
+        cosmos = _cosmos_digest(catalog, gal_type, REAL_PAD_FACTOR)
+    elif not isinstance(catalog, CatsimCatalog):
+        raise TypeError(f"catalog must be a CatsimCatalog or a CosmosCatalog, got "
+                        f"{type(catalog).__name__}.")
+    elif gal_type is not None:
+        raise ValueError(f"gal_type={gal_type!r} is an option of COSMOS catalogs; this catalog "
+                         "is a CatsimCatalog.")
     if sampling_function is None:
         sampling_function = DefaultSampling(max_number=max_number, stamp_size=stamp_size,
                                             max_shift=max_shift, seed=seed)
@@ -499,7 +546,7 @@ def generate(
         surveys = [surveys]
     surveys = [get_surveys(s) if isinstance(s, str) else s for s in surveys]
     config = stream_config(catalog, sampling_function, surveys, n_blends, shard_size, seed,
-                           add_noise, stamp_size, isolated, dtype, compression)
+                           add_noise, stamp_size, isolated, dtype, compression, cosmos)
     n_shards = math.ceil(n_blends / shard_size)
     mine = list(shards_of_process(n_shards, process_index, process_count))
 
@@ -575,11 +622,19 @@ def generate(
     todo = [k for k in mine if k not in done]
     generator = None
     if todo:
-        generator = CatsimGenerator(
-            catalog, sampling_function, surveys, batch_size=batch_size, stamp_size=stamp_size,
-            add_noise=add_noise, seed=seed, isolated=isolated, dtype=dtype, chunk=chunk,
-            devices=devices, use_bar=False,
-        )
+        if cosmos is None:
+            generator = CatsimGenerator(
+                catalog, sampling_function, surveys, batch_size=batch_size, stamp_size=stamp_size,
+                add_noise=add_noise, seed=seed, isolated=isolated, dtype=dtype, chunk=chunk,
+                devices=devices, use_bar=False,
+            )
+        else:
+            generator = CosmosGenerator(
+                catalog, sampling_function, surveys, batch_size=batch_size, stamp_size=stamp_size,
+                add_noise=add_noise, seed=seed, isolated=isolated, dtype=dtype, chunk=chunk,
+                devices=devices, use_bar=False, gal_type=cosmos["gal_type"],
+                real_pad_factor=cosmos["real_pad_factor"],
+            )
         if not all(state.static_psf for state in generator._states.values()):
             raise ValueError("streaming needs fixed PSFs: a survey has a callable (random) PSF, "
                              "drawn once per batch, so shards would depend on the batch size.")
@@ -635,12 +690,38 @@ def generate(
     publish()
     if process_count > 1 and jax.process_count() == process_count:
         # A real multi-process run (jax.distributed): wait for every process, then merge.
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("btkjax.streaming.generate")
+        global _RUNS
+        _RUNS += 1  # every process calls generate as many times: the barriers' names agree
+        barrier(f"btkjax.streaming.generate.{_RUNS}")
         if process_index == 0:
             merge_manifests(out_dir)
     return manifest
+
+
+def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+    """Waits until every process of a ``jax.distributed`` run has called ``barrier(name)``.
+
+    Uses the distributed runtime's key-value store (``wait_at_barrier``, through the
+    coordinator), so that it needs no cross-process collectives: it works on CPU whatever
+    ``jax_cpu_collectives_implementation`` is (``multihost_utils.sync_global_devices`` needs
+    gloo or MPI there, and raises "Multiprocess computations aren't implemented on the CPU
+    backend" without). Falls back to ``sync_global_devices`` if the client is not reachable.
+    A no-op in a single process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    try:
+        from jax._src import distributed  # the client has no public accessor in jax 0.10
+        client = distributed.global_state.client
+    except (ImportError, AttributeError):  # pragma: no cover (another jax)
+        client = None
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(name, int(timeout_s * 1000))
+        return
+    from jax.experimental import multihost_utils  # pragma: no cover
+
+    multihost_utils.sync_global_devices(name)  # pragma: no cover
 
 
 # -- reading -----------------------------------------------------------------------------------

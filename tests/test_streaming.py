@@ -249,3 +249,52 @@ def test_reader_as_jax_and_bad_keys(reference):
     assert batch["isolated_images"].shape == (4, 3, 6, 40, 40)
     with pytest.raises(ValueError, match="keys must be a non-empty subset"):
         streaming.ShardReader(reference, 4, keys=("psf",))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_real_processes_with_jax_distributed(reference, tmp_path):
+    """Two processes joined by ``jax.distributed`` (CPU, coordinator on 127.0.0.1), started as
+    SLURM would start them (one task each: SLURM_PROCID, SLURM_NTASKS, ...) and running the
+    command line with ``--distributed``, whose ``jax.distributed.initialize()`` takes its
+    settings from those variables. Each writes its shards and manifest; process 0 merges the
+    manifests after the coordinator's barrier. The files are the one-process run's, byte for
+    byte."""
+    out = tmp_path / "distributed"
+    address = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for p in range(2):
+        env = {k: v for k, v in _env().items()  # gRPC would send 127.0.0.1 through a proxy
+               if "_proxy" not in k.lower()}
+        env.update(SLURM_JOB_ID="1", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                   SLURM_PROCID=str(p), SLURM_LOCALID=str(p), SLURM_STEP_NUM_NODES="1",
+                   JAX_COORDINATOR_ADDRESS=address,  # instead of the node name SLURM gives
+                   JAX_COORDINATOR_BIND_ADDRESS=address)  # listen on 127.0.0.1 only
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "btkjax.cli", "stream", "--distributed", "--out", str(out),
+             "--batch-size", "4"] + CLI_ARGS,
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for proc in procs:
+            results.append(proc.communicate(timeout=420))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=60)
+    for proc, (_, stderr) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, stderr
+    assert "(process 0 of 2)" in results[0][0] and "(process 1 of 2)" in results[1][0]
+    per = {p: json.loads((out / f"manifest-0000{p}-of-00002.json").read_text()) for p in (0, 1)}
+    assert [s["index"] for s in per[0]["shards"]] == [0, 2]
+    assert [s["index"] for s in per[1]["shards"]] == [1]
+    names = sorted(os.listdir(out))
+    assert names == sorted(FILES + [f"manifest-0000{p}-of-00002.json" for p in (0, 1)])
+    _same_files(reference, out)  # the shards, and manifest.json merged by process 0
