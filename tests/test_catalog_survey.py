@@ -25,6 +25,7 @@ from btkjax.survey import (
     get_surveys,
     make_wcs,
 )
+from btkjax.tolerances import F32_SAME_RTOL, F64_SAME_ATOL, F64_SAME_RTOL, PIXEL_ATOL
 
 
 def test_default_seed_at_top():
@@ -39,14 +40,14 @@ def test_catsim_sample_loads_fits_and_ascii(tmp_path, catsim_sample):
     row = catsim_sample.table[7]
     f = row["fluxnorm_bulge"] / (row["fluxnorm_bulge"] + row["fluxnorm_disk"])
     expected = np.hypot(row["a_d"] * np.sqrt(1 - f) * 4.66, row["a_b"] * np.sqrt(f) * 1.46)
-    assert row["btk_size"] == pytest.approx(expected, rel=1e-12)
+    assert row["btk_size"] == pytest.approx(expected, rel=F64_SAME_RTOL)
     assert catsim_sample.get_raw_catalog() is not catsim_sample.table
     assert "btk_size" not in catsim_sample.get_raw_catalog().colnames
 
     path = tmp_path / "catalog.txt"
     raw.write(path, format="ascii.basic")
     ascii_cat = CatsimCatalog.from_file(path)
-    np.testing.assert_allclose(ascii_cat.table["r_ab"], raw["r_ab"], rtol=1e-9)
+    np.testing.assert_allclose(ascii_cat.table["r_ab"], raw["r_ab"], rtol=F64_SAME_RTOL)
     from_table = CatsimCatalog(raw)
     np.testing.assert_array_equal(from_table.table["btk_size"], catsim_sample.table["btk_size"])
 
@@ -98,7 +99,7 @@ def test_every_survey_loads_with_galcheat_numbers(name):
             expected = galcheat.utilities.mag2counts(24.0, name, band).value
             assert get_flux([24.0], survey, filt)[0] == expected
             sky = galcheat.utilities.mean_sky_level(name, band).value
-            assert get_mean_sky_level(survey, filt) == pytest.approx(sky, rel=1e-12)
+            assert get_mean_sky_level(survey, filt) == pytest.approx(sky, rel=F64_SAME_RTOL)
 
 
 def test_surveycodex_only_surveys_are_accepted():
@@ -133,7 +134,7 @@ def test_default_psf_is_btk_model():
     )
     a = filt.psf.drawImage(nx=31, ny=31, scale=0.2).array
     b = ref.drawImage(nx=31, ny=31, scale=0.2).array
-    np.testing.assert_allclose(a, b, atol=1e-12)
+    np.testing.assert_allclose(a, b, atol=F64_SAME_ATOL)
 
 
 def test_surveys_are_modifiable_and_custom_psfs():
@@ -173,7 +174,7 @@ def test_get_psf_from_file(tmp_path):
                             rng=np.random.default_rng(0))
     assert psf.flux == pytest.approx(1.0)
     np.testing.assert_allclose(psf.drawImage(nx=25, ny=25, scale=0.2, method="no_pixel").array,
-                               arr / arr.sum(), atol=1e-6)
+                               arr / arr.sum(), atol=F32_SAME_RTOL)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="No PSF FITS"):
         get_psf_from_file(tmp_path / "empty", 0.2)
@@ -185,4 +186,5 @@ def test_make_wcs_center_and_scale(size):
     x, y = wcs.world_to_pixel_values(0.0, 0.0)
     assert x == pytest.approx((size - 1) / 2) and y == pytest.approx((size - 1) / 2)
     x2, y2 = wcs.world_to_pixel_values(1.0 / 3600, 0.5 / 3600)  # 1" east, 0.5" north
-    assert x2 - x == pytest.approx(5.0, rel=1e-6) and y2 - y == pytest.approx(2.5, rel=1e-6)
+    assert x2 - x == pytest.approx(5.0, abs=PIXEL_ATOL)
+    assert y2 - y == pytest.approx(2.5, abs=PIXEL_ATOL)

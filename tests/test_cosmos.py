@@ -14,6 +14,7 @@ from btkjax.sampling_functions import DefaultSampling, SamplingFunction
 from btkjax.survey import get_flux, get_surveys
 from btkjax.tolerances import IMAGE_RTOL_PEAK_F64, REAL_GALAXY_RTOL_PEAK
 
+
 PARAM_FILES = [
     COSMOS_DIR / "real_galaxy_catalog_23.5_example.fits",
     COSMOS_DIR / "real_galaxy_catalog_23.5_example_fits.fits",
@@ -23,10 +24,11 @@ REAL_FILES = [
     COSMOS_DIR / "real_galaxy_catalog_26_extension_example_fits.fits",
 ]
 
-pytestmark = pytest.mark.skipif(
-    not all(p.exists() for p in PARAM_FILES + REAL_FILES),
-    reason=f"COSMOS example data not found in {COSMOS_DIR}",
-)
+pytestmark = [
+    pytest.mark.float64,  # parity with GalSim in float64
+    pytest.mark.skipif(not all(p.exists() for p in PARAM_FILES + REAL_FILES),
+                       reason=f"COSMOS example data not found in {COSMOS_DIR}"),
+]
 
 
 def _quiet(fn, *args, **kwargs):

@@ -20,6 +20,8 @@ from btkjax.tolerances import (
     GRAD_RTOL_F64,
 )
 
+pytestmark = pytest.mark.float64  # parity with GalSim / finite differences in float64
+
 S = 24
 PIXEL = 0.2
 SKY = np.array([400.0, 600.0])

@@ -15,6 +15,7 @@ from btkjax import measure, metrics
 from btkjax.draw_blends import CatsimGenerator
 from btkjax.sampling_functions import DefaultSampling
 from btkjax.survey import get_surveys, make_wcs
+from btkjax.tolerances import F64_SAME_RTOL, PIXEL_ATOL
 
 BATCH = 8
 
@@ -73,8 +74,8 @@ def test_singleband_detects_true_galaxies(lsst_batch):
                                   batch["blend_images"], strict=True):
         # ra, dec are arcsec offsets consistent with x_peak, y_peak through the batch's WCS.
         x, y = measure.arcsec_to_pixel(batch["wcs"], cat["ra"], cat["dec"])
-        np.testing.assert_allclose(x, cat["x_peak"], atol=1e-6)
-        np.testing.assert_allclose(y, cat["y_peak"], atol=1e-6)
+        np.testing.assert_allclose(x, cat["x_peak"], atol=PIXEL_ATOL)
+        np.testing.assert_allclose(y, cat["y_peak"], atol=PIXEL_ATOL)
         assert np.all(np.abs(cat["ra"]) < 12.0) and np.all(np.abs(cat["dec"]) < 12.0)
         d = np.hypot(np.asarray(true["x_peak"])[:, None] - np.asarray(cat["x_peak"])[None],
                      np.asarray(true["y_peak"])[:, None] - np.asarray(cat["y_peak"])[None])
@@ -237,7 +238,7 @@ def test_multi_survey_measure_and_metrics(lsst_batch):
     cats = meas["catalog"][name]
     assert set(cats) == {"LSST", "HSC"} and len(cats["HSC"]) == BATCH
     for a, b in zip(cats["LSST"], cats["HSC"], strict=True):
-        np.testing.assert_allclose(a["x_peak"], b["x_peak"], atol=1e-9)
+        np.testing.assert_allclose(a["x_peak"], b["x_peak"], rtol=F64_SAME_RTOL)
     assert meas["segmentation"][name] == {"LSST": [None] * BATCH, "HSC": [None] * BATCH}
     det = res["detection"][name]
     assert det["LSST"]["recall"] == det["HSC"]["recall"] > 0.5

@@ -16,6 +16,8 @@ from btkjax.noise import (
 )
 from btkjax.tolerances import NOISE_N_SIGMA
 
+pytestmark = pytest.mark.float64  # float64 references (jax.random bits, Poisson tails)
+
 
 def _check_moments(samples, mean, var):
     """Sample mean and variance within NOISE_N_SIGMA standard errors of the expectation."""

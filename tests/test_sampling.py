@@ -20,7 +20,7 @@ from btkjax import DEFAULT_SEED
 from btkjax import samplers as S
 from btkjax import sampling_functions as sf
 from btkjax.catalog import CatsimCatalog
-from btkjax.tolerances import SAMPLING_PVALUE_FLOOR
+from btkjax.tolerances import F32_SAME_RTOL, SAMPLING_PVALUE_FLOOR
 
 CATSIM_FILE = CATSIM_SAMPLE
 
@@ -361,7 +361,7 @@ def test_default_sampler_under_outer_jit_and_vmap_shapes(table):
     assert b.index.shape == (100, MAX_NUMBER) and b.mask.dtype == jnp.bool_
     assert b.dx.shape == (100, MAX_NUMBER) and b.index.dtype == jnp.int32
     direct = s.sample(jax.random.key(0), np.arange(100))
-    assert np.allclose(np.asarray(b.dx), np.asarray(direct.dx), rtol=1e-6, atol=1e-6)
+    assert np.allclose(np.asarray(b.dx), np.asarray(direct.dx), rtol=F32_SAME_RTOL, atol=F32_SAME_RTOL)
     assert np.array_equal(np.asarray(b.index), np.asarray(direct.index))
 
 
@@ -506,8 +506,8 @@ def test_random_square_sampling(table):
         dec_c = dec[rows[0]] - out["dec"][0] / 3600.0
         cosd = np.cos(np.radians(dec_c))
         ra_c = ra[rows[0]] - out["ra"][0] / 3600.0 / cosd
-        assert np.allclose((ra[rows] - ra_c) * 3600 * cosd, out["ra"], atol=1e-6)
-        assert np.allclose((dec[rows] - dec_c) * 3600, out["dec"], atol=1e-6)
+        assert np.allclose((ra[rows] - ra_c) * 3600 * cosd, out["ra"], atol=F32_SAME_RTOL)
+        assert np.allclose((dec[rows] - dec_c) * 3600, out["dec"], atol=F32_SAME_RTOL)
         # and the square holds exactly these eligible galaxies
         inside = (
             (np.abs((ra - ra_c) * 3600 * cosd) < 12.0)
@@ -535,7 +535,7 @@ def test_friends_of_friends_sampling(table):
         rows = np.asarray(out["btk_index"])
         seen.add(tuple(rows))
         assert 2 <= len(rows) <= 10
-        assert abs(np.mean(out["ra"])) < 1e-6 and abs(np.mean(out["dec"])) < 1e-6
+        assert abs(np.mean(out["ra"])) < F32_SAME_RTOL and abs(np.mean(out["dec"])) < F32_SAME_RTOL
         # closed under linking (a whole group) and connected (a single group)
         others = np.setdiff1d(np.arange(len(table)), rows)
         assert not linked[np.ix_(rows, others)].any()
