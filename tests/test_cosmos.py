@@ -14,7 +14,6 @@ from btkjax.sampling_functions import DefaultSampling, SamplingFunction
 from btkjax.survey import get_flux, get_surveys
 from btkjax.tolerances import IMAGE_RTOL_PEAK_F64, REAL_GALAXY_RTOL_PEAK
 
-
 PARAM_FILES = [
     COSMOS_DIR / "real_galaxy_catalog_23.5_example.fits",
     COSMOS_DIR / "real_galaxy_catalog_23.5_example_fits.fits",

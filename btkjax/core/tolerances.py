@@ -80,8 +80,9 @@ DEFAULT_CATALOG_COLOR_ATOL = 0.3
 # --- Sersic tables against exact transforms (added by the profiles module) --------------------
 # btkjax.profiles tabulates the exact Sersic Hankel transform (Mellin-Barnes integral, ~1e-13)
 # and interpolates it; the bar set for the tables is ~1e-7 of F(0) in float64 (below GalSim's
-# own kvalue_accuracy, 1e-5, by two orders). Measured: <= 5e-8 for the general-n table over n in [0.3, 6.2] and all k (against the
-# exact n=0.5 Gaussian and n=1 exponential, and Mellin-Barnes elsewhere), 5e-12 for the n=4 table.
+# own kvalue_accuracy, 1e-5, by two orders). Measured: <= 5e-8 for the general-n table over n in
+# [0.3, 6.2] and all k (against the exact n=0.5 Gaussian and n=1 exponential, and Mellin-Barnes
+# elsewhere), 5e-12 for the n=4 table.
 SERSIC_EXACT_ATOL_F64 = 1e-7
 
 # --- Saved PSFs (btkjax.utils) ------------------------------------------------------------------
@@ -92,9 +93,9 @@ SERSIC_EXACT_ATOL_F64 = 1e-7
 PSF_RELOAD_RTOL_PEAK = 1e-2
 
 # --- Real COSMOS galaxies against GalSim's RealGalaxy (added by btkjax.cosmos) -----------------
-# The bar set for real galaxies against the GalSim backend is 1e-3 of peak in float64 (the
-# HST images' own noise is ~1e-2 of a typical peak). Both sides approximate the exact pixel-sum transform of image / HST PSF (GalSim by
-# quintic k-interpolation of each zero-padded image's FFT, btkjax by quintic interpolation of a
+# The bar set for real galaxies against the GalSim backend is 1e-3 of peak in float64 (a
+# requirement, not a fit). Both sides approximate the exact pixel-sum transform of image / HST
+# PSF (GalSim by quintic k-interpolation of each zero-padded image's FFT, btkjax by quintic interpolation of a
 # tabulated ratio); measured ~3e-5 of peak on the example's HSC and LSST blends.
 REAL_GALAXY_RTOL_PEAK = 1e-3
 
