@@ -1,0 +1,114 @@
+"""Galaxies the detection missed: significant peaks of the residual of a fit."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from btkjax.deblend.chunks import apply_chunked, check_chunk, map_blends, pad_mask
+from btkjax.deblend.model import TRACES, Galaxies, check_spec, psf_images, render_one
+from btkjax.render import RenderSpec
+
+__all__ = ["ResidualPeaks", "residual_peaks"]
+
+
+class ResidualPeaks(NamedTuple):
+    """What `residual_peaks` returns: [blend, n_add] pixel positions and significance."""
+
+    x: jax.Array
+    y: jax.Array
+    found: jax.Array
+
+
+def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add, snr_threshold,
+                        min_distance, mismatch):
+    """Up to ``n_add`` significant peaks of one blend's residual; (x, y, found) [n_add]."""
+    dtype = image.dtype
+    s = spec.stamp_pixels
+    model = render_one(gal1, mask1, psf_k, spec)
+    w = 1 / sky  # inverse-sky band weights, as the detection image of `init_galaxies`
+    resid = jnp.einsum("Byx,B->yx", image - model, w)
+    var = jnp.einsum("Byx,B->yx", sky[:, None, None] + jnp.maximum(model, 0.0), w * w)
+    var = var + (mismatch * jnp.einsum("Byx,B->yx", model, w)) ** 2
+    # matched filter: the band-weighted PSF image, cut to 11 x 11 pixels
+    psf = jnp.einsum("Byx,B->yx", psf_images(psf_k, spec, image.shape[0], dtype, True), w)
+    c = s // 2
+    h = min(5, c - 1)
+    kern = psf[c - h:c + h + 1, c - h:c + h + 1]
+    kern = kern / jnp.sum(kern)
+    conv = partial(jax.scipy.signal.convolve2d, mode="same")
+    snr = conv(resid, kern[::-1, ::-1]) / jnp.sqrt(jnp.maximum(conv(var, (kern * kern)[::-1, ::-1]),
+                                                              1e-30))
+    yy, xx = jnp.mgrid[0:s, 0:s].astype(dtype)
+    near = jnp.any(mask1[:, None, None] & ((xx[None] - gal1.x[:, None, None]) ** 2
+                                           + (yy[None] - gal1.y[:, None, None]) ** 2
+                                           < min_distance**2), axis=0)
+    peak = snr >= jax.lax.reduce_window(snr, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "SAME")
+    score = jnp.where(peak & ~near & jnp.isfinite(snr), snr, -jnp.inf)
+    xs, ys, found = [], [], []
+    for _ in range(n_add):
+        i = jnp.argmax(score)
+        py, px = (i // s).astype(dtype), (i % s).astype(dtype)
+        ok = score.reshape(-1)[i] > snr_threshold
+        xs.append(px)
+        ys.append(py)
+        found.append(ok)
+        score = jnp.where((xx - px) ** 2 + (yy - py) ** 2 < min_distance**2, -jnp.inf, score)
+    return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
+
+
+@partial(jax.jit, static_argnames=("spec", "n_add"))
+def _residual_peaks_jit(galaxies, mask, images, sky, psf_k, snr_threshold, min_distance, mismatch,
+                        *, spec, n_add):
+    TRACES["residual"] += 1
+    one = partial(_residual_peaks_one, spec=spec, n_add=n_add, snr_threshold=snr_threshold,
+                  min_distance=min_distance, mismatch=mismatch)
+    return map_blends(one, 4, galaxies, mask, images, sky, psf_k)
+
+
+def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky, *,
+                   n_add: int = 1, snr_threshold: float = 5.0, min_distance: float = 2.0,
+                   mismatch: float = 0.05, chunk: int | None = None):
+    """Sources the detection missed: significant peaks of the residual of a fit.
+
+    The residual ``images - model`` is summed over bands with weights 1 / sky, filtered with
+    the band-weighted PSF (the matched filter of a point source) and divided by the filtered
+    noise, whose variance is the Poisson variance (sky + model) plus ``(mismatch * model)^2``:
+    a galaxy that the single-profile model describes to a few percent (a bulge, a disk) leaves
+    residuals that stay below the threshold, a neighbour that the detection missed does not.
+    Peaks (3 x 3 local maxima) above ``snr_threshold`` and at least ``min_distance`` pixels from
+    the fitted galaxies and from each other are returned, the most significant first.
+
+    Args:
+        galaxies, mask: the fit (`Galaxies`, [blend, slot] bool).
+        images, psf_k, spec, sky: as `fit_blends` (one PSF for the batch: [band, Ry, Cx]).
+        n_add: peaks per blend.
+        snr_threshold, min_distance, mismatch: see above.
+        chunk: blends per compiled call (`default_chunk`).
+
+    Returns:
+        `ResidualPeaks` (x, y, found): [blend, n_add] pixel positions and whether each
+        peak is significant.
+    """
+    check_spec(spec)
+    images = jnp.asarray(images)
+    dtype = images.dtype
+    n = images.shape[0]
+    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
+    chunk = check_chunk(chunk)
+    mask = pad_mask(jnp.asarray(mask, bool), chunk)
+    galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
+    psf_k = jnp.asarray(psf_k)
+    if psf_k.ndim != 3:
+        raise ValueError(f"residual_peaks needs one PSF for the batch ([band, Ry, Cx]), got "
+                         f"shape {psf_k.shape}.")
+
+    def run(g, m, img, s1):
+        return _residual_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
+                                   jnp.asarray(min_distance, dtype), jnp.asarray(mismatch, dtype),
+                                   spec=spec, n_add=int(n_add))
+
+    return ResidualPeaks(*apply_chunked(run, n, chunk, (galaxies, mask, images, sky)))
