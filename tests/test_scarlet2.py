@@ -66,7 +66,7 @@ def test_scarlet2_measure_in_btk_pipeline():
                                               stamp_size=6.0, add_noise="all", seed=5)
     s2 = Scarlet2Measure()
     meas = MeasureGenerator([sep_singleband_measure, s2], draw)
-    blend_results, meas_results, _ = next(meas)
+    blend_results, meas_results = next(meas)
     for i in range(2):
         cat_sep = meas_results["catalog"]["sep_singleband_measure"][i]
         cat = meas_results["catalog"]["scarlet2"][i]
@@ -77,8 +77,5 @@ def test_scarlet2_measure_in_btk_pipeline():
             np.asarray(blend_results["blend_images"][i]).shape
         if len(cat):
             assert np.all(np.isfinite(deb))
-            # the models together explain the blend: their sum's flux is the image's to within
-            # its noise (sqrt(sky * pixels) per band, 3 sigma) plus what lies outside the boxes
-            img = np.asarray(blend_results["blend_images"][i])
-            assert np.all(np.asarray(cat["r_flux"])[np.asarray(cat["init"]) != "dropped"] > 0)
-            assert deb.sum() > 0 and img.sum() > 0
+            kept = np.asarray(cat["init"]) != "dropped"
+            assert np.all(np.asarray(cat["r_flux"])[kept] > 0)

@@ -122,7 +122,12 @@ from btkjax.deblend.chunks import apply_chunked, default_chunk
 from btkjax.deblend.errors import FisherErrors, fisher_errors
 from btkjax.deblend.fit import FitOutput, fit, fit_unrolled
 from btkjax.deblend.init import init_galaxies
-from btkjax.deblend.measure import ForwardModelMeasure, crop_origins, crop_size
+from btkjax.deblend.measure import (
+    ForwardModelMeasure,
+    coadd_detections,
+    crop_origins,
+    crop_size,
+)
 from btkjax.deblend.model import (
     FIT_MAXK_THRESHOLD,
     MODELS,
@@ -189,6 +194,7 @@ __all__ = [
     "pad_detections",
     "fit_spec",
     "ForwardModelMeasure",
+    "coadd_detections",
     "Scarlet2Measure",
     "odd_psf_images",
     "trace_count",

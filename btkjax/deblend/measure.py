@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sep
 from astropy.table import Table
 
 from btkjax.deblend.model import MODELS, STATUS_TOO_MANY, fit_spec, model_images
@@ -15,7 +16,43 @@ from btkjax.measure import pixel_to_arcsec, select_survey, sep_singleband_measur
 from btkjax.render import psf_kimage_from_galsim
 from btkjax.survey import get_mean_sky_level
 
-__all__ = ["crop_origins", "crop_size", "ForwardModelMeasure"]
+__all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure"]
+
+
+def coadd_detections(image, sky, sigma_noise: float = 1.5, min_area: int = 5,
+                     deblend_cont: float = 0.005, deblend_nthresh: int = 32,
+                     weights: str = "sed"):
+    """SEP's detections on a multi-band coadd of one blend, in units of its known noise.
+
+    The coadd is ``sum_b w_b image_b`` divided by its noise ``sqrt(sum_b w_b^2 sky_b)``
+    (background-dominated), so ``sigma_noise`` is in sigmas of the coadd (no background
+    estimate). ``weights="sed"``: ``w_b`` = the blend's own flux in band b / sky_b (the matched
+    filter of a source with the blend's mean colour; bands where the galaxies are faint do not
+    dilute it); ``"flat"``: ``w_b = 1 / sky_b`` (a flat spectrum in electrons).
+
+    Args:
+        image: [band, S, S] background-subtracted electrons.
+        sky: [band] sky electrons per pixel.
+        sigma_noise, min_area, deblend_cont, deblend_nthresh: SEP's ``extract``'s.
+        weights: "sed" or "flat".
+
+    Returns:
+        An astropy Table with ``x_peak``, ``y_peak`` (SEP's barycentres, pixels).
+    """
+    if weights not in ("sed", "flat"):
+        raise ValueError(f"weights must be 'sed' or 'flat', got {weights!r}.")
+    sky = np.asarray(sky, float)
+    image = np.asarray(image, float)
+    w = 1 / sky
+    if weights == "sed":
+        f = np.maximum(image.sum(axis=(1, 2)), 0.0)
+        w = f / sky if np.any(f > 0) else w
+    det = np.einsum("byx,b->yx", image, w) / np.sqrt(np.sum(w * w * sky))
+    objs = sep.extract(np.ascontiguousarray(det), sigma_noise, err=1.0, minarea=min_area,
+                       deblend_cont=deblend_cont, deblend_nthresh=deblend_nthresh)
+    t = Table()
+    t["x_peak"], t["y_peak"] = np.asarray(objs["x"], float), np.asarray(objs["y"], float)
+    return t
 
 
 def crop_origins(x, y, mask, stamp_pixels: int, size: int):
@@ -84,7 +121,10 @@ class ForwardModelMeasure:
             undetected neighbour.
         dtype: fit dtype (default the images'; float64 needs jax_enable_x64).
         name: the name under which `MeasureGenerator` reports it.
-        sep_kwargs: keyword arguments of `sep_singleband_measure` for detection.
+        sep_kwargs: keyword arguments of the detection (`sep_singleband_measure`, or
+            `coadd_detections` for ``detection="coadd"``).
+        detection: "sep" (SEP on the i band, `sep_singleband_measure`: the detections SEP and
+            scarlet2 get) or "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`).
         **fit_kwargs: passed to `fit_blends` and `fit` (max_steps, chunk, prior,
             residual_kwargs, ...).
 
@@ -100,7 +140,11 @@ class ForwardModelMeasure:
     def __init__(self, model: str = "exponential", max_sources: int = 6, deblended="model",
                  seg_factor: float = 3.0, pad_pixels: int = 8, fit_pixels="auto",
                  crop_margin: float = 3.2, errors: bool = True, add_sources: int = 2,
-                 dtype=None, name: str = "forward_model", sep_kwargs=None, **fit_kwargs):
+                 dtype=None, name: str = "forward_model", sep_kwargs=None,
+                 detection: str = "sep", **fit_kwargs):
+        if detection not in ("sep", "coadd"):
+            raise ValueError(f"detection must be 'sep' or 'coadd', got {detection!r}.")
+        self.detection = detection
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
         if deblended not in ("model", "split"):
@@ -180,8 +224,12 @@ class ForwardModelMeasure:
         s = images.shape[-1]
         detections, det_flux = [], []
         for i in range(images.shape[0]):
-            cat = sep_singleband_measure(batch, i, channels_last=channels_last, surveys=surveys,
-                                         survey_name=survey_name, **self.sep_kwargs)["catalog"]
+            if self.detection == "coadd":
+                cat = coadd_detections(images[i], sky, **self.sep_kwargs)
+            else:
+                cat = sep_singleband_measure(batch, i, channels_last=channels_last,
+                                             surveys=surveys, survey_name=survey_name,
+                                             **self.sep_kwargs)["catalog"]
             detections.append(cat)
             xi = np.clip(np.round(np.asarray(cat["x_peak"])).astype(int), 0, s - 1)
             yi = np.clip(np.round(np.asarray(cat["y_peak"])).astype(int), 0, s - 1)

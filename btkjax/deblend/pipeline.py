@@ -75,6 +75,7 @@ def pad_detections(detections, max_sources: int | None = None, fluxes=None):
 def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=None,
                init: Galaxies | None = None, errors: bool = True, chunk: int | None = None,
                add_sources: int = 0, residual_kwargs: dict | None = None,
+               residual_rounds: int = 1,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
     entry point).
@@ -96,7 +97,11 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             in free slots, and fit those blends again from `init_galaxies`; the refit is kept
             (status `STATUS_ADDED`, ``FitResult.added``) when -log L drops by more than the
             number of new parameters.
-        residual_kwargs: ``snr_threshold``, ``min_distance``, ``mismatch`` of `residual_peaks`.
+        residual_kwargs: ``snr_threshold``, ``min_distance``, ``mismatch``, ``colour`` of
+            `residual_peaks`.
+        residual_rounds: rounds of residual detection (each looks at the residual of the fit
+            kept by the previous one; it stops early when nothing significant is found or
+            kept).
         **fit_kwargs: passed to `fit` (optimizer, max_steps, rtol, prior, ...).
 
     Returns:
@@ -166,15 +171,21 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     if isinstance(add_sources, bool) or not isinstance(add_sources, int | np.integer) or \
             add_sources < 0:
         raise ValueError(f"add_sources must be a number of galaxies >= 0, got {add_sources!r}.")
-    if add_sources:
-        if psf_k.ndim != 3:
-            raise ValueError("add_sources needs one PSF for the batch ([band, Ry, Cx]).")
+    if add_sources and psf_k.ndim != 3:
+        raise ValueError("add_sources needs one PSF for the batch ([band, Ry, Cx]).")
+    if isinstance(residual_rounds, bool) or not isinstance(residual_rounds, int | np.integer) \
+            or residual_rounds < 1:
+        raise ValueError(f"residual_rounds must be a number of rounds >= 1, got "
+                         f"{residual_rounds!r}.")
+    for _ in range(int(residual_rounds) if add_sources else 0):
         peaks = residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
                                n_add=int(add_sources), chunk=chunk, **(residual_kwargs or {}))
         px, py, found = np.asarray(peaks.x), np.asarray(peaks.y), np.asarray(peaks.found)
         free = (~mask).sum(axis=1)
         found = found & (np.cumsum(found, axis=1) <= free[:, None])
         redo = np.flatnonzero(found.any(axis=1))
+        if not len(redo):
+            break
         if len(redo):
             x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
             for r in range(len(redo)):
@@ -197,7 +208,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             k, kr = redo[keep], np.flatnonzero(keep)
             if len(k):
                 # merged on the host: eager scatters would compile for every len(k)
-                def merge(a, b):
+                def merge(a, b, k=k, kr=kr):
                     a = np.array(a)
                     a[k] = np.asarray(b)[kr]
                     return jnp.asarray(a)
@@ -209,7 +220,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                 n_steps = merge(n_steps, np.asarray(out2.n_steps) + np.asarray(n_steps)[redo])
                 loss, chi2 = merge(loss, out2.loss), merge(chi2, out2.chi2)
                 mask[k], added[k] = m2[kr], a2[kr]
-                jmask = jnp.asarray(mask)
+                x[k], y[k] = x2[kr], y2[kr]
+                ax, ay, jmask = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(mask)
+            else:
+                break
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
                                    | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)

@@ -23,25 +23,48 @@ class ResidualPeaks(NamedTuple):
     found: jax.Array
 
 
+def _matched_snr(resid, var, kern):
+    """Matched-filter S/N [S, S] of a residual [S, S] of variance ``var`` with kernel ``kern``."""
+    conv = partial(jax.scipy.signal.convolve2d, mode="same")
+    return conv(resid, kern[::-1, ::-1]) / jnp.sqrt(
+        jnp.maximum(conv(var, (kern * kern)[::-1, ::-1]), 1e-30))
+
+
+def _gaussian_sigmas(chi2, dof):
+    """The Gaussian significance (one-sided sigmas) of a chi-square ``chi2`` with ``dof``."""
+    p = jax.scipy.special.gammaincc(dof / 2, jnp.maximum(chi2, 0.0) / 2)
+    p = jnp.clip(p, 1e-300, 0.5)
+    return -jax.scipy.special.ndtri(p)
+
+
 def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add, snr_threshold,
-                        min_distance, mismatch):
+                        min_distance, mismatch, colour):
     """Up to ``n_add`` significant peaks of one blend's residual; (x, y, found) [n_add]."""
     dtype = image.dtype
     s = spec.stamp_pixels
+    n_band = image.shape[0]
     model = render_one(gal1, mask1, psf_k, spec)
+    var_b = sky[:, None, None] + jnp.maximum(model, 0.0) + (mismatch * model) ** 2
+    psf_b = psf_images(psf_k, spec, n_band, dtype, True)
+    c = s // 2
+    h = min(5, c - 1)
+    kern_b = psf_b[:, c - h:c + h + 1, c - h:c + h + 1]
+    kern_b = kern_b / jnp.sum(kern_b, axis=(1, 2), keepdims=True)
     w = 1 / sky  # inverse-sky band weights, as the detection image of `init_galaxies`
     resid = jnp.einsum("Byx,B->yx", image - model, w)
     var = jnp.einsum("Byx,B->yx", sky[:, None, None] + jnp.maximum(model, 0.0), w * w)
     var = var + (mismatch * jnp.einsum("Byx,B->yx", model, w)) ** 2
     # matched filter: the band-weighted PSF image, cut to 11 x 11 pixels
-    psf = jnp.einsum("Byx,B->yx", psf_images(psf_k, spec, image.shape[0], dtype, True), w)
-    c = s // 2
-    h = min(5, c - 1)
-    kern = psf[c - h:c + h + 1, c - h:c + h + 1]
-    kern = kern / jnp.sum(kern)
-    conv = partial(jax.scipy.signal.convolve2d, mode="same")
-    snr = conv(resid, kern[::-1, ::-1]) / jnp.sqrt(jnp.maximum(conv(var, (kern * kern)[::-1, ::-1]),
-                                                              1e-30))
+    kern = jnp.einsum("Byx,B->yx", kern_b, w)
+    snr = _matched_snr(resid, var, kern / jnp.sum(kern))
+    if colour:
+        # colour-aware: each band's matched-filter S/N, their positive parts squared and summed
+        # (a chi-square of n_band degrees of freedom for noise; conservative, since only the
+        # positive parts count), as a Gaussian significance: a neighbour whose colour differs
+        # from the 1 / sky weighting (a red galaxy under a blue one) stands out in it.
+        snr_b = jax.vmap(_matched_snr)(image - model, var_b, kern_b)
+        chi2 = jnp.sum(jnp.maximum(snr_b, 0.0) ** 2, axis=0)
+        snr = jnp.maximum(snr, _gaussian_sigmas(chi2, jnp.asarray(n_band, dtype)))
     yy, xx = jnp.mgrid[0:s, 0:s].astype(dtype)
     near = jnp.any(mask1[:, None, None] & ((xx[None] - gal1.x[:, None, None]) ** 2
                                            + (yy[None] - gal1.y[:, None, None]) ** 2
@@ -60,18 +83,18 @@ def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add
     return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
 
 
-@partial(jax.jit, static_argnames=("spec", "n_add"))
+@partial(jax.jit, static_argnames=("spec", "n_add", "colour"))
 def _residual_peaks_jit(galaxies, mask, images, sky, psf_k, snr_threshold, min_distance, mismatch,
-                        *, spec, n_add):
+                        *, spec, n_add, colour):
     TRACES["residual"] += 1
     one = partial(_residual_peaks_one, spec=spec, n_add=n_add, snr_threshold=snr_threshold,
-                  min_distance=min_distance, mismatch=mismatch)
+                  min_distance=min_distance, mismatch=mismatch, colour=colour)
     return map_blends(one, 4, galaxies, mask, images, sky, psf_k)
 
 
 def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky, *,
                    n_add: int = 1, snr_threshold: float = 5.0, min_distance: float = 2.0,
-                   mismatch: float = 0.05, chunk: int | None = None):
+                   mismatch: float = 0.05, colour: bool = False, chunk: int | None = None):
     """Sources the detection missed: significant peaks of the residual of a fit.
 
     The residual ``images - model`` is summed over bands with weights 1 / sky, filtered with
@@ -82,11 +105,18 @@ def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sk
     Peaks (3 x 3 local maxima) above ``snr_threshold`` and at least ``min_distance`` pixels from
     the fitted galaxies and from each other are returned, the most significant first.
 
+    ``colour=True`` also computes each band's matched-filter S/N of the residual (its own PSF,
+    its own noise) and sums the squares of their positive parts: a chi-square of ``n_band``
+    degrees of freedom under the noise, turned into a Gaussian significance; a pixel's S/N is
+    the larger of the two. The band sum weights bands as a flat spectrum in electrons would;
+    the chi-square finds a neighbour of another colour (a red galaxy under a blue one) at the
+    same false-positive rate per statistic.
+
     Args:
         galaxies, mask: the fit (`Galaxies`, [blend, slot] bool).
         images, psf_k, spec, sky: as `fit_blends` (one PSF for the batch: [band, Ry, Cx]).
         n_add: peaks per blend.
-        snr_threshold, min_distance, mismatch: see above.
+        snr_threshold, min_distance, mismatch, colour: see above.
         chunk: blends per compiled call (`default_chunk`).
 
     Returns:
@@ -109,6 +139,6 @@ def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sk
     def run(g, m, img, s1):
         return _residual_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
                                    jnp.asarray(min_distance, dtype), jnp.asarray(mismatch, dtype),
-                                   spec=spec, n_add=int(n_add))
+                                   spec=spec, n_add=int(n_add), colour=bool(colour))
 
     return ResidualPeaks(*apply_chunked(run, n, chunk, (galaxies, mask, images, sky)))
