@@ -8,10 +8,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from btkjax.core.render import RenderSpec
 from btkjax.deblend.chunks import apply_chunked, map_blends
 from btkjax.deblend.fit import batch_inputs
 from btkjax.deblend.model import TRACES, Galaxies, Prior, check_spec, nll_terms, prior_term, render_one
-from btkjax.render import RenderSpec
 
 __all__ = ["FisherErrors", "fisher_errors"]
 

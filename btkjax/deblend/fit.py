@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from btkjax.core.render import RenderSpec
 from btkjax.deblend.chunks import apply_chunked, check_chunk, map_blends, pad_mask
 from btkjax.deblend.model import (
     STATUS_MAX_STEPS,
@@ -25,7 +26,6 @@ from btkjax.deblend.model import (
     to_physical,
     to_unconstrained,
 )
-from btkjax.render import RenderSpec
 
 __all__ = ["FitOutput", "fit", "fit_unrolled", "batch_inputs", "to_unconstrained_batch",
            "to_physical_batch"]

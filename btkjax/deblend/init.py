@@ -8,8 +8,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from btkjax.core.render import RenderSpec, render
 from btkjax.deblend.model import HLR_FLOOR_ARCSEC, TRACES, Galaxies, fixed_index, psf_images, to_sources
-from btkjax.render import RenderSpec, render
 
 __all__ = ["init_galaxies"]
 

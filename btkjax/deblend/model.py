@@ -2,7 +2,7 @@
 
 Each galaxy is one elliptical profile (exponential by default, or Sersic of free index) with a
 position, a flux per band, a half-light radius and a reduced-shear ellipticity, convolved with
-the band's PSF by `btkjax.render.render`. See `btkjax.deblend` for the likelihood and the
+the band's PSF by `btkjax.core.render.render`. See `btkjax.deblend` for the likelihood and the
 unconstrained parameterization.
 """
 
@@ -15,7 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from btkjax.render import RenderSpec, Sources, good_fft_size, make_render_spec, render
+from btkjax.core.kinds import get_kind
+from btkjax.core.render import RenderSpec, Sources, good_fft_size, make_render_spec, render
 
 __all__ = [
     "Galaxies", "Params", "Prior", "FitResult", "MODELS", "FIT_MAXK_THRESHOLD",
@@ -132,7 +133,11 @@ class FitResult(NamedTuple):
 
 
 def fixed_index(model: str) -> float:
-    return {"exponential": 1.0, "devaucouleurs": 4.0, "gaussian": 0.5, "sersic": 1.0}[model]
+    """The Sersic index of a fitted model of fixed shape (the kind's, from the registry
+    `btkjax.core.kinds`; a Gaussian is a Sersic profile of index 0.5), and the starting index
+    of a free-index Sersic fit."""
+    n = get_kind(model).sersic_index
+    return float(n) if n is not None else {"gaussian": 0.5, "sersic": 1.0}[model]
 
 
 def _g_from_eta(eta):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from btkjax.core.render import RenderSpec
 from btkjax.deblend.chunks import apply_chunked, check_chunk, pad_mask
 from btkjax.deblend.errors import fisher_errors
 from btkjax.deblend.fit import fit, to_physical_batch, to_unconstrained_batch
@@ -23,7 +24,6 @@ from btkjax.deblend.model import (
     check_spec,
 )
 from btkjax.deblend.residual import residual_peaks
-from btkjax.render import RenderSpec
 
 __all__ = ["PaddedDetections", "pad_detections", "fit_blends"]
 
@@ -84,7 +84,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         images: [blend, band, S, S] background-subtracted images (electrons).
         detections: ``(x, y, mask)`` arrays [blend, slot] in pixels, or a list over blends of
             [n_i, 2] (x, y) arrays or tables with ``x_peak``, ``y_peak``.
-        psf_k: [band, Ry, Cx] PSF x pixel on ``spec``'s grid (`btkjax.render.psf_kimage_from_galsim`
+        psf_k: [band, Ry, Cx] PSF x pixel on ``spec``'s grid (`btkjax.core.render.psf_kimage_from_galsim`
             or `default_psf_kimage`), or [blend, band, Ry, Cx].
         spec: the fit's `RenderSpec` (`fit_spec`), one component kind: the model.
         sky: [band] sky electrons per pixel.

@@ -8,9 +8,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from btkjax.core.render import RenderSpec
 from btkjax.deblend.chunks import apply_chunked, check_chunk, map_blends, pad_mask
 from btkjax.deblend.model import TRACES, Galaxies, check_spec, psf_images, render_one
-from btkjax.render import RenderSpec
 
 __all__ = ["ResidualPeaks", "residual_peaks"]
 
