@@ -66,7 +66,7 @@ BAND = 3  # i
 _COMPILE_S = [0.0]
 # btkjax with its own detection (SEP on the SED-weighted multi-band coadd, finer deblending):
 # chosen on the tuning seeds (see the README's deblending section)
-VARIANT = '{"detection": "coadd", "sep_kwargs": {"deblend_cont": 0.001}}'
+VARIANT = '{"detection": "coadd", "sep_kwargs": {"deblend_cont": 0.0001}}'
 
 
 def _on_jax_event(name, seconds, **kwargs):
