@@ -8,6 +8,7 @@ import pytest
 
 from btkjax import deblend as D
 from btkjax.render import psf_kimage_from_galsim
+from btkjax.tolerances import DEBLEND_NOISELESS_RTOL
 
 S = 24
 FLUX_B = 1600.0
@@ -67,3 +68,32 @@ def test_coadd_detections_threshold_is_in_sigmas_of_the_coadd():
         assert abs(t["x_peak"][0] - 28.5) < 0.5 and abs(t["y_peak"][0] - 20.5) < 0.5
     with pytest.raises(ValueError, match="weights"):
         D.coadd_detections(img, sky, weights="red")
+
+
+def test_split_recovers_a_pair_merged_into_one_detection(setup, x64):
+    """Two galaxies 5.6 pixels (1.1") apart, detected as one between them (as SEP merges
+    them): the single-profile fit absorbs both; `split_candidates` flags it, and the split
+    (two galaxies on its major axis, kept by the likelihood) recovers the pair. An isolated
+    galaxy is not a candidate (no excess in its residual) and is left alone."""
+    spec, psf_k = setup
+    pair = D.Galaxies(x=jnp.array([[9.5, 15.0]]), y=jnp.array([[11.5, 12.5]]),
+                      flux=jnp.array([[[60000.0, 90000.0], [40000.0, 30000.0]]]),
+                      hlr=jnp.array([[0.5, 0.35]]), g1=jnp.array([[0.2, -0.1]]),
+                      g2=jnp.array([[-0.05, 0.3]]), n=jnp.ones((1, 2)))
+    alone = D.Galaxies(*(a[:, :1] for a in pair))
+    images = jnp.concatenate([
+        D.model_images(pair, jnp.ones((1, 2), bool), psf_k, spec).sum(axis=1),
+        D.model_images(alone, jnp.ones((1, 1), bool), psf_k, spec).sum(axis=1)])
+    det = (np.array([[12.0, 0.0], [10.0, 0.0]]), np.array([[12.0, 0.0], [12.0, 0.0]]),
+           np.array([[True, False], [True, False]]))
+    plain = D.fit_blends(images, det, psf_k, spec, SKY, errors=False, rtol=1e-13)
+    res = D.fit_blends(images, det, psf_k, spec, SKY, errors=False, rtol=1e-13,
+                       split_sources=True)
+    assert np.asarray(res.mask).tolist() == [[True, True], [True, False]]
+    assert float(res.loss[0]) < float(plain.loss[0]) - 100  # the pair explains the data
+    got = np.stack([np.asarray(res.galaxies.x)[0], np.asarray(res.galaxies.y)[0]], -1)
+    want = np.stack([np.asarray(pair.x)[0], np.asarray(pair.y)[0]], -1)
+    np.testing.assert_allclose(got, want, atol=DEBLEND_NOISELESS_RTOL)  # pixels
+    np.testing.assert_allclose(np.asarray(res.galaxies.flux)[0], np.asarray(pair.flux)[0],
+                               rtol=DEBLEND_NOISELESS_RTOL)
+    np.testing.assert_allclose(np.asarray(res.galaxies.x)[1, 0], 9.5, atol=DEBLEND_NOISELESS_RTOL)

@@ -153,7 +153,7 @@ from btkjax.deblend.model import (
     trace_count,
 )
 from btkjax.deblend.pipeline import PaddedDetections, fit_blends, pad_detections
-from btkjax.deblend.residual import ResidualPeaks, residual_peaks
+from btkjax.deblend.residual import ResidualPeaks, SplitCandidates, residual_peaks, split_candidates
 from btkjax.deblend.scarlet import Scarlet2Measure, odd_psf_images
 
 __all__ = [
@@ -187,6 +187,8 @@ __all__ = [
     "fit_blends",
     "fisher_errors",
     "residual_peaks",
+    "split_candidates",
+    "SplitCandidates",
     "crop_origins",
     "crop_size",
     "default_chunk",

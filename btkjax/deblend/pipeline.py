@@ -23,7 +23,7 @@ from btkjax.deblend.model import (
     Galaxies,
     check_spec,
 )
-from btkjax.deblend.residual import residual_peaks
+from btkjax.deblend.residual import residual_peaks, split_candidates
 
 __all__ = ["PaddedDetections", "pad_detections", "fit_blends"]
 
@@ -75,7 +75,8 @@ def pad_detections(detections, max_sources: int | None = None, fluxes=None):
 def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=None,
                init: Galaxies | None = None, errors: bool = True, chunk: int | None = None,
                add_sources: int = 0, residual_kwargs: dict | None = None,
-               residual_rounds: int = 1,
+               residual_rounds: int = 1, split_sources: bool = False,
+               split_min_excess: float = 25.0,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
     entry point).
@@ -102,6 +103,11 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         residual_rounds: rounds of residual detection (each looks at the residual of the fit
             kept by the previous one; it stops early when nothing significant is found or
             kept).
+        split_sources: model comparison on the joint fit: in each blend with a free slot, the
+            fitted galaxy with the largest excess chi-square of the residual near it
+            (`split_candidates`, above ``split_min_excess``) is replaced by two galaxies on its
+            major axis, and the blend fitted again; the two are kept when -log L drops by more
+            than the new galaxy's parameters (Akaike), as for ``add_sources``.
         **fit_kwargs: passed to `fit` (optimizer, max_steps, rtol, prior, ...).
 
     Returns:
@@ -177,6 +183,42 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             or residual_rounds < 1:
         raise ValueError(f"residual_rounds must be a number of rounds >= 1, got "
                          f"{residual_rounds!r}.")
+    n_par_one = 5 + n_band + (model == "sersic")
+
+    def attempt(redo, x2, y2, m2, a2, n_new):
+        """Refits blends ``redo`` from the detections (x2, y2, m2) and keeps each refit whose
+        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); True if any."""
+        nonlocal galaxies, init, status, n_steps, loss, chi2, ax, ay, jmask
+        img2 = np.asarray(images)[redo]  # numpy: no gather compiled per len(redo)
+        ax2, ay2, jm2 = jnp.asarray(x2, dtype), jnp.asarray(y2, dtype), jnp.asarray(m2)
+        init2 = apply_chunked(lambda img, x1, y1, m1: init_galaxies(img, x1, y1, m1, psf_k, spec,
+                                                                    sky_init),
+                              len(redo), chunk, (img2, ax2, ay2, pad_mask(jm2, chunk)))
+        sky2 = sky_arr if sky_arr.ndim == 1 else sky_arr[redo]
+        out2 = fit(to_unconstrained_batch(init2, ax2, ay2, chunk, model, max_offset),
+                   ax2, ay2, jm2, img2, psf_k, spec, sky2, chunk=chunk, **fit_kwargs)
+        keep = np.asarray(out2.loss) < np.asarray(loss)[redo] - n_new * n_par_one
+        keep &= np.isfinite(np.asarray(out2.loss))
+        k, kr = redo[keep], np.flatnonzero(keep)
+        if not len(k):
+            return False
+
+        def merge(a, b):  # on the host: eager scatters would compile for every len(k)
+            a = np.array(a)
+            a[k] = np.asarray(b)[kr]
+            return jnp.asarray(a)
+
+        gal2 = to_physical_batch(out2.params, ax2, ay2, chunk, model, max_offset)
+        galaxies = jax.tree.map(merge, galaxies, gal2)
+        init = jax.tree.map(merge, init, init2)
+        status = merge(status, np.asarray(out2.status) | STATUS_ADDED)
+        n_steps = merge(n_steps, np.asarray(out2.n_steps) + np.asarray(n_steps)[redo])
+        loss, chi2 = merge(loss, out2.loss), merge(chi2, out2.chi2)
+        mask[k], added[k] = m2[kr], a2[kr]
+        x[k], y[k] = x2[kr], y2[kr]
+        ax, ay, jmask = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(mask)
+        return True
+
     for _ in range(int(residual_rounds) if add_sources else 0):
         peaks = residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
                                n_add=int(add_sources), chunk=chunk, **(residual_kwargs or {}))
@@ -186,44 +228,27 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         redo = np.flatnonzero(found.any(axis=1))
         if not len(redo):
             break
+        x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
+        for r in range(len(redo)):
+            slots = np.flatnonzero(~m2[r])[:found[r].sum()]
+            x2[r, slots], y2[r, slots] = px[redo[r]][found[r]], py[redo[r]][found[r]]
+            m2[r, slots] = a2[r, slots] = True
+        if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)):
+            break
+    if split_sources:
+        if psf_k.ndim != 3:
+            raise ValueError("split_sources needs one PSF for the batch ([band, Ry, Cx]).")
+        cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
+                                min_excess=float(split_min_excess))
+        redo = np.flatnonzero(cand.slot >= 0)
         if len(redo):
             x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
-            for r in range(len(redo)):
-                slots = np.flatnonzero(~m2[r])[:found[r].sum()]
-                x2[r, slots], y2[r, slots] = px[redo[r]][found[r]], py[redo[r]][found[r]]
-                m2[r, slots] = a2[r, slots] = True
-            img2 = np.asarray(images)[redo]  # numpy: no gather compiled per len(redo)
-            ax2, ay2, jm2 = jnp.asarray(x2, dtype), jnp.asarray(y2, dtype), jnp.asarray(m2)
-            init2 = apply_chunked(lambda img, x1, y1, m1: init_galaxies(img, x1, y1, m1, psf_k, spec,
-                                                                   sky_init),
-                             len(redo), chunk, (img2, ax2, ay2, pad_mask(jm2, chunk)))
-            sky2 = sky_arr if sky_arr.ndim == 1 else sky_arr[redo]
-            out2 = fit(to_unconstrained_batch(init2, ax2, ay2, chunk, model, max_offset),
-                       ax2, ay2, jm2, img2, psf_k, spec, sky2, chunk=chunk, **fit_kwargs)
-            # Keep a refit only if the likelihood gained more than the new parameters
-            # (Akaike: -log L drops by more than their number).
-            n_par = (found[redo].sum(axis=1)) * (5 + n_band + (model == "sersic"))
-            keep = np.asarray(out2.loss) < np.asarray(loss)[redo] - n_par
-            keep &= np.isfinite(np.asarray(out2.loss))
-            k, kr = redo[keep], np.flatnonzero(keep)
-            if len(k):
-                # merged on the host: eager scatters would compile for every len(k)
-                def merge(a, b, k=k, kr=kr):
-                    a = np.array(a)
-                    a[k] = np.asarray(b)[kr]
-                    return jnp.asarray(a)
-
-                gal2 = to_physical_batch(out2.params, ax2, ay2, chunk, model, max_offset)
-                galaxies = jax.tree.map(merge, galaxies, gal2)
-                init = jax.tree.map(merge, init, init2)
-                status = merge(status, np.asarray(out2.status) | STATUS_ADDED)
-                n_steps = merge(n_steps, np.asarray(out2.n_steps) + np.asarray(n_steps)[redo])
-                loss, chi2 = merge(loss, out2.loss), merge(chi2, out2.chi2)
-                mask[k], added[k] = m2[kr], a2[kr]
-                x[k], y[k] = x2[kr], y2[kr]
-                ax, ay, jmask = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(mask)
-            else:
-                break
+            for r, b in enumerate(redo):
+                new = np.flatnonzero(~m2[r])[0]
+                x2[r, cand.slot[b]], y2[r, cand.slot[b]] = cand.x1[b], cand.y1[b]
+                x2[r, new], y2[r, new] = cand.x2[b], cand.y2[b]
+                m2[r, new] = a2[r, new] = True
+            attempt(redo, x2, y2, m2, a2, np.ones(len(redo)))
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
                                    | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)

@@ -7,12 +7,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from btkjax.core.render import RenderSpec
 from btkjax.deblend.chunks import apply_chunked, check_chunk, map_blends, pad_mask
-from btkjax.deblend.model import TRACES, Galaxies, check_spec, psf_images, render_one
+from btkjax.deblend.model import TRACES, Galaxies, check_spec, model_images, psf_images, render_one
 
-__all__ = ["ResidualPeaks", "residual_peaks"]
+__all__ = ["ResidualPeaks", "residual_peaks", "SplitCandidates", "split_candidates"]
 
 
 class ResidualPeaks(NamedTuple):
@@ -142,3 +143,61 @@ def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sk
                                    spec=spec, n_add=int(n_add), colour=bool(colour))
 
     return ResidualPeaks(*apply_chunked(run, n, chunk, (galaxies, mask, images, sky)))
+
+
+class SplitCandidates(NamedTuple):
+    """What `split_candidates` returns, per blend (numpy): the slot to split (-1: none), and
+    the two positions (pixels) that replace it."""
+
+    slot: np.ndarray
+    x1: np.ndarray
+    y1: np.ndarray
+    x2: np.ndarray
+    y2: np.ndarray
+    excess: np.ndarray
+
+
+def split_candidates(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky, *,
+                     min_excess: float = 25.0, radius_hlr: float = 1.5,
+                     offset_hlr: float = 0.6) -> SplitCandidates:
+    """Which fitted galaxy of each blend may be two: the one whose residual chi-square within
+    ``radius_hlr`` half-light radii (2.5 pixels at least) exceeds its number of pixels x bands
+    the most, when by more than ``min_excess``, in blends with a free slot. A single profile
+    fitted to two merged galaxies leaves such an excess (a dipole or a waist) rather than a
+    peak. The two positions are the galaxy's centre -+ ``offset_hlr`` half-light radii (1 to 3
+    pixels) along its major axis.
+
+    Args:
+        galaxies, mask: the fit (`Galaxies`, [blend, slot] bool).
+        images, psf_k, spec, sky: as `fit_blends` (one PSF for the batch, sky [band]).
+
+    Returns:
+        `SplitCandidates`.
+    """
+    mask = np.asarray(mask, bool)
+    images = np.asarray(images, float)
+    sky = np.asarray(sky, float)
+    models = np.asarray(model_images(galaxies, jnp.asarray(mask), psf_k, spec), float)
+    total = models.sum(axis=1)
+    chi = (images - total) ** 2 / (sky[None, :, None, None] + np.maximum(total, 0.0))
+    chi = chi.sum(axis=1)  # [blend, S, S]
+    n_band = images.shape[1]
+    g = jax.tree.map(np.asarray, galaxies)
+    s = spec.stamp_pixels
+    yy, xx = np.mgrid[0:s, 0:s]
+    hlr_pix = g.hlr / spec.pixel_scale
+    radius = np.maximum(2.5, radius_hlr * hlr_pix)  # [blend, slot]
+    near = ((xx[None, None] - g.x[..., None, None]) ** 2 + (yy[None, None] - g.y[..., None, None])
+            ** 2) < radius[..., None, None] ** 2
+    excess = np.einsum("bkyx,byx->bk", near, chi) - n_band * near.sum(axis=(-2, -1))
+    excess = np.where(mask, excess, -np.inf)
+    best = np.argmax(excess, axis=1)
+    n = len(best)
+    top = excess[np.arange(n), best]
+    ok = (top > min_excess) & (~mask).any(axis=1) & mask.any(axis=1)
+    theta = 0.5 * np.arctan2(g.g2, g.g1)[np.arange(n), best]
+    d = np.clip(offset_hlr * hlr_pix[np.arange(n), best], 1.0, 3.0)
+    cx, cy = g.x[np.arange(n), best], g.y[np.arange(n), best]
+    ux, uy = d * np.cos(theta), d * np.sin(theta)
+    return SplitCandidates(slot=np.where(ok, best, -1), x1=cx - ux, y1=cy - uy, x2=cx + ux,
+                           y2=cy + uy, excess=top)
