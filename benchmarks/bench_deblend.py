@@ -12,8 +12,10 @@ Methods, all but ``btkjax_own`` from SEP's detections in the i band (`sep_single
 - ``sep``: SEP's segments (each detection's deblended image is the blend inside its segment);
 - ``btkjax``: `btkjax.deblend.ForwardModelMeasure` as it comes (joint fit, galaxies SEP missed
   added from the multi-band residual);
-- ``btkjax_own``: the same with its own detection (``--variant``, default: SEP on the
-  SED-weighted multi-band coadd with finer deblending, `btkjax.deblend.coadd_detections`);
+- ``btkjax_own``: the same with its own detection and model comparison (``--variant``,
+  default: SEP on the SED-weighted multi-band coadd with finer deblending,
+  `btkjax.deblend.coadd_detections`, and ``split_sources``: a fitted galaxy replaced by two when
+  the likelihood says two);
 - ``scarlet2``: `btkjax.deblend.Scarlet2Measure` (scarlet2 0.5.1 as documented) on the first
   ``--scarlet2-per-batch`` blends of each batch (it takes seconds to minutes per blend), so the
   three-method table is over those blends only; SEP and btkjax are also scored on every blend.
@@ -64,9 +66,9 @@ BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf)
         ("all", -np.inf, np.inf))
 BAND = 3  # i
 _COMPILE_S = [0.0]
-# btkjax with its own detection (SEP on the SED-weighted multi-band coadd, finer deblending):
-# chosen on the tuning seeds (see the README's deblending section)
-VARIANT = '{"detection": "coadd", "sep_kwargs": {"deblend_cont": 0.0001}}'
+# btkjax with its own detection (SEP on the SED-weighted multi-band coadd, finer deblending) and
+# split_sources: chosen on the tuning seeds (results/deblend_tuning.json)
+VARIANT = '{"detection": "coadd", "sep_kwargs": {"deblend_cont": 0.0001}, "split_sources": true}'
 
 
 def _on_jax_event(name, seconds, **kwargs):

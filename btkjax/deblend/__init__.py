@@ -70,6 +70,12 @@ noise (Poisson plus a few percent of the model for model mismatch), shows such a
 is put in a free slot and the blend fitted again, and the refit is kept when -log L drops by
 more than the number of new parameters.
 
+Galaxies merged into one detection (``split_sources``, `split_candidates`): a single profile
+fitted to two merged galaxies leaves an excess of residual chi-square near it rather than a peak;
+the galaxy with the largest excess is replaced by two on its major axis and the blend fitted
+again, kept by the same Akaike rule. `ForwardModelMeasure(detection="coadd")` detects on the
+SED-weighted multi-band coadd (`coadd_detections`) instead of SEP's i band.
+
 Pure functions and the high-level path:
 
 - `init_galaxies`, `to_unconstrained`, `to_physical`, `to_sources`, `neg_log_likelihood`;
