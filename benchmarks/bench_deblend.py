@@ -1,63 +1,74 @@
-"""Forward-model deblender against SEP on LSST blends: flux, ellipticity, reconstruction, speed.
+"""SEP, btkjax's forward-model deblender and scarlet2 on the same LSST blends, per blendedness.
 
-    python benchmarks/bench_deblend.py [--n 1000] [--batch 100] [--stamp 24] [--max-steps 200]
+    python benchmarks/bench_deblend.py --set report [--n 200] [--batch 50] [--scarlet2-per-batch 5]
 
-Blends: the embedded default CatSim-like catalog, DefaultSampling with up to 5 galaxies, noise
-"all", float32 images. Methods, all on SEP's detections (sep_singleband_measure, i band):
+Blends: the embedded default CatSim-like catalog, DefaultSampling with up to 5 galaxies on 24"
+stamps, noise "all", float32 images. Two disjoint sets of seeds: ``--set tune`` (the seeds any
+tuning of the deblender was done on) and ``--set report`` (the seeds the README reports; never
+used for tuning). Neither uses the seeds of the project's other benchmarks (sampler 1, draw 2).
 
-- ``sep_singleband_measure``: SEP's segments (the blend inside each segment);
-- ``forward_model``: `btkjax.deblend.ForwardModelMeasure` as it comes: SEP's detections plus
-  up to 2 galaxies per blend that SEP missed, found in the residual of the fit
-  (``add_sources=2``, matched-filter S/N > 5) and kept when -log L drops by more than their
-  number of parameters;
-- ``forward_model_sep_only``: the same on exactly SEP's detections (``add_sources=0``: the
-  comparison that isolates deblending).
+Methods, all but ``btkjax_own`` from SEP's detections in the i band (`sep_singleband_measure`):
 
-Scored with MetricsGenerator in the r band (Hungarian matching within 5 pixels; every number
-below is over matched galaxies):
+- ``sep``: SEP's segments (each detection's deblended image is the blend inside its segment);
+- ``btkjax``: `btkjax.deblend.ForwardModelMeasure` as it comes (joint fit, galaxies SEP missed
+  added from the multi-band residual);
+- ``btkjax_own``: the same with its own detection and model comparison (``--variant``,
+  default: SEP on the SED-weighted multi-band coadd with finer deblending,
+  `btkjax.deblend.coadd_detections`, and ``split_sources``: a fitted galaxy replaced by two when
+  the likelihood says two);
+- ``scarlet2``: `btkjax.deblend.Scarlet2Measure` (scarlet2 0.5.1 as documented) on the first
+  ``--scarlet2-per-batch`` blends of each batch (it takes seconds to minutes per blend), so the
+  three-method table is over those blends only; SEP and btkjax are also scored on every blend.
 
-- ``flux_rel_abs_median``: median |F - F_true| / F_true of the total r flux of the deblended
-  image (SEP: the blend inside the galaxy's segment; forward model: its model) against the
-  isolated image's;
-- ``aperture_flux_rel_abs_median``: the same in a circular aperture of radius the PSF FWHM at
-  the true position (BTK's `meas_fixed_aperture`);
-- ``e_abs_median``: median |e - e_true| of the Gaussian-weighted moment ellipticities
-  (sigma 3 pixels) of the deblended and isolated images;
-- ``mse_median``: median reconstruction MSE of the deblended images (all bands);
-- the forward model's own fitted r flux against the catalog's (``fitted_flux_rel_abs_median``).
+Scoring, written here independently of the code scored (no btkjax.match / btkjax.metrics):
 
-Each method gets four rows: all matched galaxies; those with blendedness > 0.1 (BTK's
-blendedness in r, from the isolated images); those with blendedness > 0.1 matched by every
-method (the same galaxies for all); and those with blendedness > 0.1 in blends where SEP
-detected every galaxy (no undetected neighbour's light to absorb). Speed: the forward models'
-per-batch wall time (SEP detection, fit with Fisher errors, models on the whole stamp), the
-JAX compilation time within it (jax.monitoring) and the steady state without it, and SEP's.
-Writes benchmarks/results/deblend.json atomically.
+- matching: per blend, Hungarian assignment (scipy.optimize.linear_sum_assignment) of detections
+  to true galaxies on the pixel distance, pairs farther than ``MATCH_PX`` pixels rejected;
+- blendedness of each true galaxy (BTK's definition, i band, noiseless isolated images):
+  ``1 - sum(I_j^2) / sum(I_j * sum_k I_k)``;
+- ``dflux``: |sum(deblended) - sum(isolated)| / sum(isolated) in the i band;
+- ``mse``: mean over bands and pixels of (deblended - isolated)^2 (electrons^2);
+- ``de``: |e - e_true| of Gaussian-weighted (sigma 3 pixels, at the true position) moment
+  ellipticities (distortion) of the deblended and isolated i-band images;
+- ``nan_blends``: blends with detections whose deblended images hold a non-finite pixel.
+
+Speed: wall and CPU (process: all threads) seconds per blend of each method; for btkjax over
+the batches whose JAX compilation (jax.monitoring) was under 5% of their time, the batches that
+compiled reported apart (``btkjax_compiled_batches``); SEP and btkjax time whole batches, the
+same for the every-blend and the with-scarlet2 tables; scarlet2's time includes its own
+compilations (one per scene structure), as a user sees it.
+Writes benchmarks/results/deblend_compare_<set>.json atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import json
 import os
+import pickle
 import sys
 import time
 
 import jax
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, table, write_json  # noqa: E402
 
 import btkjax  # noqa: E402
-from btkjax import deblend as D  # noqa: E402
-from btkjax.measure import MeasureGenerator, sep_singleband_measure  # noqa: E402
-from btkjax.metrics import MetricsGenerator, meas_fixed_aperture, meas_moments_ellipticity  # noqa: E402,E501
+from btkjax.deblend import ForwardModelMeasure, Scarlet2Measure  # noqa: E402
+from btkjax.measure import sep_singleband_measure  # noqa: E402
 
-BLENDED = 0.1  # blendedness threshold of the "blended" rows
-
-
-_COMPILE_S = [0.0]  # JAX's tracing, lowering and XLA compilation time, summed
+SEEDS = {"tune": [(11, 12), (13, 14)], "report": [(101, 102), (103, 104), (105, 106), (107, 108)]}
+MATCH_PX = 5.0
+BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf),
+        ("all", -np.inf, np.inf))
+BAND = 3  # i
+_COMPILE_S = [0.0]
+# btkjax with its own detection (SEP on the SED-weighted multi-band coadd, finer deblending) and
+# split_sources: chosen on the tuning seeds (results/deblend_tuning.json)
+VARIANT = '{"detection": "coadd", "sep_kwargs": {"deblend_cont": 0.0001}, "split_sources": true}'
 
 
 def _on_jax_event(name, seconds, **kwargs):
@@ -70,173 +81,248 @@ def _on_jax_event(name, seconds, **kwargs):
 jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
 
 
-class _TimedForwardModel(D.ForwardModelMeasure):
-    """Records the wall time of each batched fit (the cache misses) and the JAX compilation
-    time within it."""
+def blendedness(iso):
+    """[n] BTK blendedness of each of ``iso`` [n, y, x] (noiseless isolated images)."""
+    total = iso.sum(axis=0)
+    own = np.einsum("nyx,nyx->n", iso, iso)
+    cross = np.einsum("nyx,yx->n", iso, total)
+    return np.where(cross > 0, 1 - own / np.where(cross > 0, cross, 1.0), 0.0)
 
-    def _fit_batch(self, *args, **kwargs):
-        c0, t0 = _COMPILE_S[0], time.perf_counter()
-        out = super()._fit_batch(*args, **kwargs)
-        self.times = getattr(self, "times", []) + [time.perf_counter() - t0]
-        self.compile = getattr(self, "compile", []) + [_COMPILE_S[0] - c0]
-        self.windows = getattr(self, "windows", []) + [self.last_fit_pixels]
+
+def moments_e(img, x, y, sigma=3.0):
+    """Distortion (e1, e2) of Gaussian-weighted second moments around (x, y) (pixels)."""
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(float)
+    dx, dy = xx - x, yy - y
+    w = np.exp(-0.5 * (dx * dx + dy * dy) / sigma**2) * img
+    qxx, qyy, qxy = (w * dx * dx).sum(), (w * dy * dy).sum(), (w * dx * dy).sum()
+    tr = qxx + qyy
+    if not tr > 0:
+        return np.nan, np.nan
+    return (qxx - qyy) / tr, 2 * qxy / tr
+
+
+def match(tx, ty, dx, dy):
+    """Hungarian matching; returns [n_true] index of the matched detection or -1."""
+    out = np.full(len(tx), -1)
+    if len(tx) == 0 or len(dx) == 0:
         return out
+    d = np.hypot(np.subtract.outer(tx, dx), np.subtract.outer(ty, dy))
+    rows, cols = linear_sum_assignment(d)
+    ok = d[rows, cols] <= MATCH_PX
+    out[rows[ok]] = cols[ok]
+    return out
 
 
-def meas_total_flux(image, additional_params):
-    """Sum of the image in the measure band (electrons)."""
-    return float(np.asarray(image)[additional_params.get("meas_band_num", 0)].sum())
+def score_blend(truth, iso, out):
+    """Rows (one per true galaxy) of one method on one blend, and whether it has NaN images."""
+    tx, ty = np.asarray(truth["x_peak"], float), np.asarray(truth["y_peak"], float)
+    n = len(tx)
+    iso = np.asarray(iso[:n], float)
+    cat = out["catalog"]
+    deb = np.asarray(out["deblended_images"], float)
+    dx, dy = np.asarray(cat["x_peak"], float), np.asarray(cat["y_peak"], float)
+    has_nan = bool(len(dx) and not np.all(np.isfinite(deb)))
+    m = match(tx, ty, dx, dy)
+    bl = blendedness(iso[:, BAND])
+    rows = []
+    for j in range(n):
+        row = {"blendedness": float(bl[j]), "matched": bool(m[j] >= 0), "dflux": np.nan,
+               "mse": np.nan, "de": np.nan}
+        if m[j] >= 0:
+            d = deb[m[j]]
+            f_true = iso[j, BAND].sum()
+            row["dflux"] = abs(d[BAND].sum() - f_true) / f_true
+            row["mse"] = float(np.mean((d - iso[j]) ** 2))
+            e = moments_e(d[BAND], tx[j], ty[j])
+            et = moments_e(iso[j, BAND], tx[j], ty[j])
+            row["de"] = float(np.hypot(e[0] - et[0], e[1] - et[1]))
+        rows.append(row)
+    return rows, has_nan
 
 
-def _median_abs(v):
+def _median(v):
     v = np.asarray(v, float)
     v = v[np.isfinite(v)]
-    return float(np.median(np.abs(v))) if len(v) else float("nan")
+    return float(np.median(v)) if len(v) else float("nan")
 
 
-def _rows(name, gs, fitted=None, common=None, full=None):
-    """Table rows of one method: all matched galaxies, blendedness > BLENDED, blendedness >
-    BLENDED among the galaxies matched by every method (``common``), and among those whose
-    blend SEP detected completely (``full``)."""
-    det = np.asarray(gs["detected"], bool)
-    blend = np.asarray(gs["blendedness"], float)
-    tot, tot_t = np.asarray(gs["total_flux"], float), np.asarray(gs["total_flux_true"], float)
-    ap, ap_t = np.asarray(gs["flux0"], float), np.asarray(gs["flux0_true"], float)
-    e = np.stack([gs["ellipticity0"], gs["ellipticity1"]], -1).astype(float)
-    et = np.stack([gs["ellipticity0_true"], gs["ellipticity1_true"]], -1).astype(float)
-    mse = np.asarray(gs["mse"], float)
+def summarize(name, rows, nan_blends, wall, cpu, n_timed):
+    """Table rows of one method: one per blendedness bin; ``wall``, ``cpu``: seconds over
+    ``n_timed`` blends (for btkjax, the batches that did not compile)."""
+    b = np.array([r["blendedness"] for r in rows])
+    matched = np.array([r["matched"] for r in rows], bool)
     out = []
-    subsets = (("all", det, len(det)),
-               (f"blendedness > {BLENDED}", det & (blend > BLENDED), np.sum(blend > BLENDED)),
-               (f"blendedness > {BLENDED}, matched by all", common & (blend > BLENDED),
-                np.sum(blend > BLENDED)),
-               (f"blendedness > {BLENDED}, blend fully detected by SEP", det & full
-                & (blend > BLENDED), np.sum(full & (blend > BLENDED))))
-    for subset, sel, n_true in subsets:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            row = {
-                "method": name, "galaxies": subset, "n_true": int(n_true),
-                "n_matched": int(sel.sum()),
-                "flux_rel_abs_median": _median_abs(((tot - tot_t) / tot_t)[sel]),
-                "aperture_flux_rel_abs_median": _median_abs(((ap - ap_t) / ap_t)[sel]),
-                "e_abs_median": _median_abs(np.hypot(*(e - et).T)[sel]),
-                "mse_median": float(np.nanmedian(mse[sel])) if sel.any() else float("nan"),
-                "fitted_flux_rel_abs_median": (_median_abs(fitted[sel]) if fitted is not None
-                                               else float("nan")),
-            }
-        out.append(row)
+    for label, lo, hi in BINS:
+        sel = (b >= lo) & (b < hi)
+        sm = sel & matched
+        out.append({
+            "method": name, "blendedness": label, "n_true": int(sel.sum()),
+            "n_matched": int(sm.sum()),
+            "dflux_median": _median([rows[i]["dflux"] for i in np.flatnonzero(sm)]),
+            "mse_median": _median([rows[i]["mse"] for i in np.flatnonzero(sm)]),
+            "de_median": _median([rows[i]["de"] for i in np.flatnonzero(sm)]),
+            "s_per_blend": wall / n_timed if n_timed else float("nan"),
+            "cpu_s_per_blend": cpu / n_timed if n_timed else float("nan"),
+            "nan_blends": int(nan_blends), "timed_blends": int(n_timed),
+        })
     return out
+
+
+def run_method(f, batch, idx, survey):
+    """(outputs per blend, wall s, CPU s, compile s) of ``f`` on blends ``idx`` of ``batch``."""
+    c0, t0, p0 = _COMPILE_S[0], time.perf_counter(), time.process_time()
+    outs = [f(batch, i, surveys=[survey]) for i in idx]
+    return outs, time.perf_counter() - t0, time.process_time() - p0, _COMPILE_S[0] - c0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--set", choices=tuple(SEEDS), default="report")
+    ap.add_argument("--n", type=int, default=200, help="blends in all (split over the seeds)")
+    ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--stamp", type=float, default=24.0)
-    ap.add_argument("--max-steps", type=int, default=200)
-    ap.add_argument("--fit-pixels", default="auto", help="'auto', an int, or 'none'")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "deblend.json"))
+    ap.add_argument("--scarlet2-per-batch", type=int, default=5,
+                    help="blends of each batch also deblended by scarlet2 (0: none)")
+    ap.add_argument("--add-sources", type=int, default=None,
+                    help="ForwardModelMeasure's add_sources (default: its own)")
+    ap.add_argument("--fm", default="{}",
+                    help="JSON of extra ForwardModelMeasure keyword arguments (tuning)")
+    ap.add_argument("--variant", default=VARIANT,
+                    help="JSON of the ForwardModelMeasure keyword arguments of the 'btkjax_own' "
+                         "rows (its own detection); '' for none")
+    ap.add_argument("--scarlet2-cache", default=None,
+                    help="pickle of scarlet2's outputs and times per blend, reused when present "
+                         "(its blends do not depend on the other methods)")
+    ap.add_argument("--only-scarlet2", action="store_true",
+                    help="fill --scarlet2-cache and stop (no other method, no scoring)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    fit_pixels = {"auto": "auto", "none": None}.get(args.fit_pixels, None)
-    if args.fit_pixels not in ("auto", "none"):
-        fit_pixels = int(args.fit_pixels)
-    n_batches = max(1, args.n // args.batch)
+    out_path = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                        f"deblend_compare_{args.set}.json")
+    seeds = SEEDS[args.set]
+    per_seed = max(1, args.n // len(seeds))
     catalog = btkjax.catalog.CatsimCatalog.default()
-    sampler = btkjax.sampling_functions.DefaultSampling(max_number=5, min_number=1,
-                                                        stamp_size=args.stamp, seed=1)
     survey = btkjax.survey.get_surveys("LSST")
-    draw = btkjax.draw_blends.CatsimGenerator(catalog, sampler, survey, batch_size=args.batch,
-                                              stamp_size=args.stamp, add_noise="all", seed=2)
-    fm = _TimedForwardModel(max_sources=6, max_steps=args.max_steps, deblended="model",
-                            fit_pixels=fit_pixels)
-    fm_sep = _TimedForwardModel(max_sources=6, max_steps=args.max_steps, deblended="model",
-                                fit_pixels=fit_pixels, add_sources=0,
-                                name="forward_model_sep_only")
-    fms = {"forward_model": fm, "forward_model_sep_only": fm_sep}
-    meas = MeasureGenerator([sep_singleband_measure, fm, fm_sep], draw)
-    metrics = MetricsGenerator(meas, meas_band_name="r",
-                               target_meas={"flux": meas_fixed_aperture,
-                                            "ellipticity": meas_moments_ellipticity,
-                                            "total_flux": meas_total_flux})
-    names = ("sep_singleband_measure",) + tuple(fms)
-    parts = {name: [] for name in names}
-    fitted = {name: [] for name in fms}
-    statuses = {name: collections.Counter() for name in fms}
-    n_added = {name: 0 for name in fms}
-    unusual = {name: [] for name in fms}
-    sep_times, dtype = [], None
-    load_start = os.getloadavg()
+    fm_kwargs = {} if args.add_sources is None else {"add_sources": args.add_sources}
+    fm_kwargs.update(json.loads(args.fm))
+    fm = ForwardModelMeasure(**fm_kwargs)
+    s2 = Scarlet2Measure() if args.scarlet2_per_batch > 0 else None
+    methods = {"sep": sep_singleband_measure, "btkjax": fm}
+    if args.variant:
+        methods["btkjax_own"] = ForwardModelMeasure(**{**fm_kwargs, **json.loads(args.variant)})
+    if args.only_scarlet2:
+        methods = {}
+    rows = {k: [] for k in methods}  # every blend
+    rows3 = {k: [] for k in (*methods, "scarlet2")}  # blends scarlet2 also ran on
+    nan = {k: 0 for k in rows3}
+    nan3 = {k: 0 for k in rows3}
+    wall = {k: 0.0 for k in rows3}
+    cpu = {k: 0.0 for k in rows3}
+    compile_s = []
+    compiled_batches = []
+    timed = {k: 0 for k in rows3}  # blends whose time is in wall / cpu
+    s2_cache = {}
+    if args.scarlet2_cache and os.path.exists(args.scarlet2_cache):
+        with open(args.scarlet2_cache, "rb") as fh:
+            s2_cache = pickle.load(fh)
+    n_blends = n3 = 0
     t_start = time.perf_counter()
-    for b in range(n_batches):
-        batch, meas_results, results = next(metrics)
-        dtype = str(np.asarray(batch["blend_images"]).dtype)
-        t0 = time.perf_counter()
-        for i in range(args.batch):
-            sep_singleband_measure(batch, i, surveys=[survey])
-        sep_times.append(time.perf_counter() - t0)
-        for name, f in fms.items():
-            statuses[name].update(int(s) for s in f._cache["status"])
-            n_added[name] += int(f._cache["added"].sum())
-            unusual[name] += [(b * args.batch + i, int(s)) for i, s in enumerate(f._cache["status"])
-                              if s not in (D.STATUS_CONVERGED, D.STATUS_ADDED)]
-        for name in names:
-            parts[name].append(results["galaxy_summary"][name])
-        # each forward model's fitted r flux of each true galaxy (NaN if unmatched)
-        for name in fms:
-            for i, m in enumerate(results["matches"][name]):
-                cat = meas_results["catalog"][name][i]
+    load_start = os.getloadavg()
+    dtype = None
+    for s_seed, d_seed in seeds:
+        sampler = btkjax.sampling_functions.DefaultSampling(
+            max_number=5, min_number=1, stamp_size=args.stamp, seed=s_seed)
+        draw = btkjax.draw_blends.CatsimGenerator(
+            catalog, sampler, survey, batch_size=args.batch, stamp_size=args.stamp,
+            add_noise="all", seed=d_seed)
+        done = 0
+        while done < per_seed:
+            batch = next(draw)
+            dtype = str(np.asarray(batch["blend_images"]).dtype)
+            nb = min(args.batch, per_seed - done)
+            idx = list(range(nb))
+            k3 = min(args.scarlet2_per_batch, nb) if s2 is not None else 0
+            results = {}
+            for name, f in methods.items():
+                outs, w, c, comp = run_method(f, batch, idx, survey)
+                results[name] = outs
+                if name.startswith("btkjax"):
+                    compile_s.append(comp)
+                    if comp > 0.05 * w:
+                        # a batch that compiled: its time is reported apart, not per blend
+                        compiled_batches.append({"blends": nb, "wall_s": w, "cpu_s": c,
+                                                 "compile_s": comp})
+                        continue
+                wall[name] += w
+                cpu[name] += c
+                timed[name] += nb
+            if k3:
+                key = (s_seed, d_seed, args.batch, done, k3)
+                if key not in s2_cache:
+                    s2_cache[key] = run_method(s2, batch, idx[:k3], survey)[:3]
+                    if args.scarlet2_cache:
+                        with open(args.scarlet2_cache + ".tmp", "wb") as fh:
+                            pickle.dump(s2_cache, fh)
+                        os.replace(args.scarlet2_cache + ".tmp", args.scarlet2_cache)
+                outs, w, c = s2_cache[key]
+                results["scarlet2"] = outs + [None] * (nb - k3)
+                wall["scarlet2"] += w
+                cpu["scarlet2"] += c
+                timed["scarlet2"] += k3
+            if args.only_scarlet2:
+                done += nb
+                print(f"scarlet2 on seeds {s_seed}/{d_seed}: {done}/{per_seed}", flush=True)
+                continue
+            for i in idx:
                 truth = batch["blend_list"][i]
-                for j, d in enumerate(np.asarray(m["match_detected_id"])):
-                    ok = 0 <= d < len(cat)
-                    fitted[name].append((float(cat["r_flux"][d]) - float(truth["r_flux"][j]))
-                                        / float(truth["r_flux"][j]) if ok else np.nan)
-        print(f"batch {b}: " + ", ".join(f"{k} {f.times[-1]:.1f}s (compile {f.compile[-1]:.1f}s)"
-                                         for k, f in fms.items())
-              + f" (window {fm.windows[-1]} px), SEP {sep_times[-1]:.2f}s, "
-              f"elapsed {time.perf_counter() - t_start:.0f}s", flush=True)
-    from astropy.table import vstack
-
-    tables = {name: vstack(parts[name]) for name in names}
-    common = np.all([np.asarray(t["detected"], bool) for t in tables.values()], axis=0)
-    sep = tables["sep_singleband_measure"]
-    blend_key = np.asarray(sep["blend_id"]) + np.concatenate(
-        [np.full(len(t), k * args.batch) for k, t in enumerate(parts["sep_singleband_measure"])])
-    missed = np.bincount(blend_key, weights=~np.asarray(sep["detected"], bool))
-    full = missed[blend_key] == 0  # every galaxy of the blend detected by SEP
-    rows = []
-    for name in names:
-        rows += _rows(name, tables[name], np.asarray(fitted[name]) if name in fitted else None,
-                      common, full)
-    n_blends = n_batches * args.batch
+                iso = np.asarray(batch["isolated_images"][i])
+                for name in results:
+                    if results[name][i] is None:
+                        continue
+                    r, bad = score_blend(truth, iso, results[name][i])
+                    if name in rows:
+                        rows[name] += r
+                        nan[name] += bad
+                    if i < k3:
+                        rows3[name] += r
+                        nan3[name] += bad
+            n_blends += nb
+            n3 += k3
+            done += nb
+            print(f"seeds {s_seed}/{d_seed}: {done}/{per_seed} blends, btkjax compile "
+                  f"{compile_s[-1]:.1f}s, elapsed {time.perf_counter() - t_start:.0f}s",
+                  flush=True)
+    if args.only_scarlet2:
+        return
+    table_all = []
+    for name in rows:
+        table_all += summarize(name, rows[name], nan[name], wall[name], cpu[name], timed[name])
+    table3 = []
+    if n3:
+        for name in rows3:
+            table3 += summarize(name, rows3[name], nan3[name], wall[name], cpu[name],
+                                timed[name])
+    cols = ["method", "blendedness", "n_true", "n_matched", "dflux_median", "mse_median",
+            "de_median", "s_per_blend", "cpu_s_per_blend", "nan_blends"]
+    print(f"SEP and btkjax, {n_blends} blends ({args.set} seeds {seeds}):")
+    print(table(table_all, cols))
+    if n3:
+        print(f"SEP, btkjax and scarlet2 on the same {n3} blends:")
+        print(table(table3, cols))
     summary = {
-        "n_blends": n_blends, "batch": args.batch, "stamp_arcsec": args.stamp,
-        "max_steps": args.max_steps, "dtype": dtype, "model": fm.model,
-        "fit_pixels": args.fit_pixels, "fit_windows_px": sorted(set(fm.windows)),
-        "chunk": D.default_chunk(),
-        "sep_blends_per_s": n_blends / float(np.sum(sep_times)),
-        "blendedness_threshold": BLENDED,
+        "set": args.set, "seeds": seeds, "n_blends": n_blends, "n_blends_scarlet2": n3,
+        "batch": args.batch, "stamp_arcsec": args.stamp, "dtype": dtype,
+        "match_px": MATCH_PX, "band": "i", "btkjax_compile_s": compile_s,
+        "btkjax_compiled_batches": compiled_batches,
+        "btkjax_add_sources": fm.add_sources, "btkjax_kwargs": fm_kwargs,
+        "scarlet2_init_labels": [str(lab) for v in s2_cache.values() for o in v[0]
+                                 for lab in o["catalog"]["init"]],
+        "wall_s": time.perf_counter() - t_start,
+        "loadavg_1min_start_end": [load_start[0], os.getloadavg()[0]],
     }
-    for name, f in fms.items():
-        # steady state: every batch after the first, less any compilation in them
-        steady = np.array(f.times[1:] or f.times) - np.array(f.compile[1:] or f.compile)
-        key = "" if name == "forward_model" else "sep_only_"
-        summary.update({
-            f"fit_{key}first_batch_s": f.times[0],
-            f"fit_{key}compile_s": float(np.sum(f.compile)),
-            f"fit_{key}compile_s_first_batch": f.compile[0],
-            f"fit_{key}steady_batch_s_median": float(np.median(steady)),
-            f"fit_{key}blends_per_s_steady": args.batch * len(steady) / float(np.sum(steady)),
-            f"fit_{key}blends_per_s_overall": n_blends / float(np.sum(f.times)),
-            f"fit_{key}status_counts": {str(k): v for k, v in sorted(statuses[name].items())},
-            f"fit_{key}unusual_status": unusual[name],
-            f"fit_{key}n_added": n_added[name],
-        })
-    summary["wall_s"] = time.perf_counter() - t_start
-    summary["loadavg_1min_start_end"] = [load_start[0], os.getloadavg()[0]]
-    print(table(rows, list(rows[0])))
     print(summary)
-    write_json(args.out, {"machine": machine(), "summary": summary, "methods": rows})
+    write_json(out_path, {"machine": machine(), "summary": summary, "all_blends": table_all,
+                          "same_blends_with_scarlet2": table3})
 
 
 if __name__ == "__main__":

@@ -64,22 +64,7 @@ def section() -> str:
                    "images, gzip):\n")
         out.append(table([row], list(row)))
         out.append("")
-    deblend = _load("deblend.json")
-    if deblend and "methods" in deblend:
-        summ = deblend["summary"]
-        out.append(f"Forward-model deblender against SEP (`benchmarks/bench_deblend.py`; "
-                   f"N = {summ['n_blends']} LSST blends, up to 5 galaxies, noise \"all\", "
-                   f"{summ['stamp_arcsec']}\" stamps, {summ.get('dtype', '')}; fit "
-                   f"{summ['fit_blends_per_s_steady']:.2f} blends/s steady (SEP's detections "
-                   f"only: {summ.get('fit_sep_only_blends_per_s_steady', float('nan')):.2f}), "
-                   f"SEP {summ['sep_blends_per_s']:.0f} blends/s; \"forward_model\" also fits "
-                   f"galaxies SEP missed, found in its residual; \"forward_model_sep_only\" fits "
-                   f"SEP's detections only; blended = blendedness > "
-                   f"{summ.get('blendedness_threshold', 0.1)}; medians of |relative flux "
-                   f"residual|, |ellipticity residual|, reconstruction MSE):\n")
-        cols = list(deblend["methods"][0].keys())
-        out.append(table(deblend["methods"], cols))
-        out.append("")
+    # The deblender comparison (benchmarks/bench_deblend.py) has its own README section.
     return "\n".join(out)
 
 

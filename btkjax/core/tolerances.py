@@ -148,3 +148,11 @@ DEBLEND_ERRORS_HESSIAN_RTOL = 1e-6
 # (measured 0.85 .. 1.17, the hlr and shear errors most), bound 25%.
 DEBLEND_ERRORS_CRB_MEDIAN_RTOL = 0.03
 DEBLEND_ERRORS_CRB_SPREAD_RTOL = 0.25
+# scarlet2 0.5.1 as documented (btkjax.deblend.Scarlet2Measure) on a noiseless isolated
+# exponential galaxy (hlr 0.5", g = (0.2, -0.1), Kolmogorov PSFs of FWHM 0.7" and 0.8", 0.2"
+# pixels, the test's 61-pixel stamp with a second galaxy 30 pixels away): its fitted model holds
+# 98.6% and 98.4% of the galaxy's light in the stamp in the two bands (measured; the box that
+# from_gaussian_moments picks and the unit-interval morphology cut the profile's wings). Bound
+# 3%, about twice the measured loss: a wrong weight, PSF normalization or rendered frame moves
+# the flux by more.
+SCARLET2_ISOLATED_FLUX_RTOL = 0.03

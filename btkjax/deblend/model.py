@@ -1,0 +1,313 @@
+"""The deblender's model: parameters, their transforms, and the likelihood.
+
+Each galaxy is one elliptical profile (exponential by default, or Sersic of free index) with a
+position, a flux per band, a half-light radius and a reduced-shear ellipticity, convolved with
+the band's PSF by `btkjax.core.render.render`. See `btkjax.deblend` for the likelihood and the
+unconstrained parameterization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from btkjax.core.kinds import get_kind
+from btkjax.core.render import RenderSpec, Sources, good_fft_size, make_render_spec, render
+
+__all__ = [
+    "Galaxies", "Params", "Prior", "FitResult", "MODELS", "FIT_MAXK_THRESHOLD",
+    "STATUS_CONVERGED", "STATUS_MAX_STEPS", "STATUS_NO_DETECTIONS", "STATUS_OUTSIDE_STAMP",
+    "STATUS_NONFINITE", "STATUS_TOO_MANY", "STATUS_BAD_ERRORS", "STATUS_ADDED",
+    "to_physical", "to_unconstrained", "to_sources", "fit_spec", "check_spec", "fixed_index",
+    "render_one", "NLLTerms", "nll_terms", "prior_term", "neg_log_likelihood", "psf_images", "model_images",
+    "trace_count", "TRACES",
+]
+
+MODELS = ("exponential", "sersic", "devaucouleurs", "gaussian")
+
+# Status bit flags, per blend (0 = converged, nothing to report).
+STATUS_CONVERGED = 0
+STATUS_MAX_STEPS = 1  # stopped at max_steps before the loss settled
+STATUS_NO_DETECTIONS = 2  # nothing to fit
+STATUS_OUTSIDE_STAMP = 4  # a detection outside the stamp (or non-finite) was dropped
+STATUS_NONFINITE = 8  # non-finite loss or gradient: the blend kept its last finite parameters
+STATUS_TOO_MANY = 16  # more detections than slots: the faintest were dropped
+STATUS_BAD_ERRORS = 32  # the Hessian at the fit is not positive definite: errors are NaN
+STATUS_ADDED = 64  # galaxies missed by the detection were added from the residual
+
+G_MAX = 0.95  # largest fitted |g| (q = 0.026)
+N_MIN, N_MAX = 0.5, 6.0  # Sersic index range (inside btkjax.profiles' table, 0.3 .. 6.2)
+HLR_FLOOR_ARCSEC = 0.02
+# The fit evaluates PSF x pixel out to where it falls below this fraction of its k=0 value
+# (the renderer's default, MAXK_THRESHOLD = 1e-7, is for 2e-5-of-peak images): light beyond it
+# is < 1e-4 of the flux, below the noise of any blend worth deblending, and the grid is smaller.
+FIT_MAXK_THRESHOLD = 1e-4
+
+# Traces of the jitted entry points, per name (`trace_count`).
+TRACES = {"fit": 0, "init": 0, "unrolled": 0, "errors": 0, "residual": 0}
+
+
+def trace_count(name: str = "fit") -> int:
+    """How many times the jitted entry point ``name`` ("fit", "init", "unrolled", "errors") was
+    traced."""
+    return TRACES[name]
+
+
+class Galaxies(NamedTuple):
+    """Physical parameters of the fitted galaxies.
+
+    Attributes:
+        x: [blend, slot] column of the center in pixels (0-based, as ``x_peak``).
+        y: [blend, slot] row of the center in pixels.
+        flux: [blend, slot, band] electrons.
+        hlr: [blend, slot] half-light radius in arcsec (circularized: area preserving shear).
+        g1: [blend, slot] reduced shear, |g| = (1 - q) / (1 + q).
+        g2: [blend, slot]
+        n: [blend, slot] Sersic index (the model's fixed index for non-Sersic models).
+    """
+
+    x: jax.Array
+    y: jax.Array
+    flux: jax.Array
+    hlr: jax.Array
+    g1: jax.Array
+    g2: jax.Array
+    n: jax.Array
+
+
+class Params(NamedTuple):
+    """Unconstrained parameters (what the optimizer sees); see the module docstring."""
+
+    shift: jax.Array  # [..., slot, 2]
+    log_flux: jax.Array  # [..., slot, band]
+    log_hlr: jax.Array  # [..., slot]
+    eta: jax.Array  # [..., slot, 2]
+    n_logit: jax.Array  # [..., slot]
+
+
+class Prior(NamedTuple):
+    """Optional Gaussian prior on log(hlr / arcsec); width inf (the default) means none.
+
+    Traced leaves: differentiable (see the module docstring's learning example).
+    """
+
+    log_hlr_mean: jax.Array | float = 0.0
+    log_hlr_width: jax.Array | float = math.inf
+
+
+class FitResult(NamedTuple):
+    """What `fit_blends` returns (JAX arrays).
+
+    Attributes:
+        galaxies: fitted `Galaxies`.
+        init: the initial `Galaxies` (of the second fit where galaxies were added).
+        mask: [blend, slot] bool, slots that were fitted.
+        status: [blend] int, `STATUS_*` bit flags (0: converged).
+        n_steps: [blend] int, optimizer steps taken by each blend (both fits where galaxies
+            were added).
+        loss: [blend] final negative log-likelihood (+ prior).
+        chi2: [blend] final sum((d - m)^2 / (sky + model)).
+        n_pixels: number of pixels x bands per blend (chi2 / n_pixels ~ 1 for a good fit).
+        errors: `Galaxies` of 1-sigma Fisher errors (`fisher_errors`; NaN where not fitted),
+            or None when not computed.
+        added: [blend, slot] bool, galaxies added from the residual (``add_sources``).
+    """
+
+    galaxies: Galaxies
+    init: Galaxies
+    mask: jax.Array
+    status: jax.Array
+    n_steps: jax.Array
+    loss: jax.Array
+    chi2: jax.Array
+    n_pixels: int
+    errors: Galaxies | None = None
+    added: jax.Array | None = None
+
+
+# -- parameter transforms --------------------------------------------------------------------
+
+
+def fixed_index(model: str) -> float:
+    """The Sersic index of a fitted model of fixed shape (the kind's, from the registry
+    `btkjax.core.kinds`; a Gaussian is a Sersic profile of index 0.5), and the starting index
+    of a free-index Sersic fit."""
+    n = get_kind(model).sersic_index
+    return float(n) if n is not None else {"gaussian": 0.5, "sersic": 1.0}[model]
+
+
+def _g_from_eta(eta):
+    r2 = jnp.sum(eta * eta, axis=-1, keepdims=True)
+    return G_MAX * 2 * eta / (1 + jnp.sqrt(1 + 4 * r2))
+
+
+def _eta_from_g(g):
+    # inverse of g = G 2 eta / (1 + sqrt(1 + 4 |eta|^2)): |eta| = t / (1 - t^2), t = |g| / G
+    t = g / G_MAX
+    t2 = jnp.sum(t * t, axis=-1, keepdims=True)
+    return t / (1 - t2)
+
+
+def to_physical(params: Params, anchor_x, anchor_y, model: str = "exponential",
+                max_offset: float = 4.0) -> Galaxies:
+    """Unconstrained `Params` -> `Galaxies`, around the anchors (initial positions, pixels)."""
+    off = max_offset * jnp.tanh(params.shift / max_offset)
+    g = _g_from_eta(params.eta)
+    if model == "sersic":
+        n = N_MIN + (N_MAX - N_MIN) * jax.nn.sigmoid(params.n_logit)
+    else:
+        n = jnp.full_like(params.log_hlr, fixed_index(model))
+    return Galaxies(
+        x=anchor_x + off[..., 0], y=anchor_y + off[..., 1], flux=jnp.exp(params.log_flux),
+        hlr=jnp.exp(params.log_hlr), g1=g[..., 0], g2=g[..., 1], n=n,
+    )
+
+
+def to_unconstrained(gal: Galaxies, anchor_x, anchor_y, model: str = "exponential",
+                     max_offset: float = 4.0) -> Params:
+    """`Galaxies` -> unconstrained `Params` (inverse of `to_physical`; values are clipped into
+    the open domains: offsets to 0.999 R, |g| to 0.999 G_MAX, n inside its range)."""
+    dtype = gal.hlr.dtype
+    lim = 0.999 * max_offset
+    off = jnp.stack([jnp.clip(gal.x - anchor_x, -lim, lim),
+                     jnp.clip(gal.y - anchor_y, -lim, lim)], axis=-1)
+    g = jnp.stack([gal.g1, gal.g2], axis=-1)
+    gnorm = jnp.sqrt(jnp.sum(g * g, axis=-1, keepdims=True))
+    g = g * jnp.minimum(1.0, 0.999 * G_MAX / jnp.maximum(gnorm, 1e-30))
+    frac = jnp.clip((gal.n - N_MIN) / (N_MAX - N_MIN), 1e-3, 1 - 1e-3)
+    n_logit = jnp.log(frac) - jnp.log1p(-frac) if model == "sersic" else jnp.zeros_like(gal.hlr)
+    return Params(
+        shift=max_offset * jnp.arctanh(off / max_offset),
+        log_flux=jnp.log(gal.flux),
+        log_hlr=jnp.log(gal.hlr),
+        eta=_eta_from_g(g),
+        n_logit=n_logit.astype(dtype),
+    )
+
+
+def to_sources(gal: Galaxies, mask, spec: RenderSpec) -> Sources:
+    """`Galaxies` -> renderer `Sources` (one component of kind ``spec.kinds[0]``)."""
+    s = spec.stamp_pixels
+    c = (s - 1) / 2
+    ones = jnp.ones_like(gal.hlr)
+    return Sources(
+        flux=gal.flux[..., None], hlr=gal.hlr[..., None], q=ones[..., None],
+        beta=jnp.zeros_like(gal.hlr)[..., None], n=gal.n[..., None],
+        dx=(gal.x - c) * spec.pixel_scale, dy=(gal.y - c) * spec.pixel_scale,
+        rotation=jnp.zeros_like(gal.hlr), g1=gal.g1, g2=gal.g2, mask=mask,
+    )
+
+
+def check_spec(spec: RenderSpec):
+    if len(spec.kinds) != 1 or spec.kinds[0] not in MODELS:
+        raise ValueError(
+            f"The fit's RenderSpec must have one component kind among {MODELS}, got "
+            f"{spec.kinds}; build it with btkjax.deblend.fit_spec or make_render_spec(..., "
+            "kinds=('exponential',))."
+        )
+
+
+def fit_spec(stamp_pixels: int, pixel_scale: float, psfs, model: str = "exponential",
+             pad_pixels: int = 8, maxk_threshold: float = FIT_MAXK_THRESHOLD) -> RenderSpec:
+    """A small `RenderSpec` for fitting: an FFT box of the stamp plus ``pad_pixels`` (light
+    farther than the pad beyond the stamp's edge wraps around) and a loose maxk threshold."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
+    return make_render_spec(stamp_pixels, pixel_scale, psfs, kinds=(model,),
+                            fft_size=good_fft_size(stamp_pixels + pad_pixels),
+                            maxk_threshold=maxk_threshold)
+
+
+# -- likelihood --------------------------------------------------------------------------------
+
+
+def render_one(gal1: Galaxies, mask1, psf_k, spec: RenderSpec):
+    """Model of one blend [band, S, S] (gal1 fields without the blend axis)."""
+    src = to_sources(jax.tree.map(lambda a: a[None], gal1), mask1[None], spec)
+    psf = psf_k if psf_k.ndim == 3 else psf_k[None]
+    return render(src, psf, spec)[0][0]
+
+
+class NLLTerms(NamedTuple):
+    """What `nll_terms` returns: one blend's negative log-likelihood and Pearson chi2."""
+
+    nll: jax.Array
+    chi2: jax.Array
+
+
+def nll_terms(model, image, sky, weight, noise="poisson") -> NLLTerms:
+    """`NLLTerms` (negative log-likelihood, Pearson chi2) of one blend; sky [band].
+
+    ``noise="poisson"``: half the Poisson deviance of the counts ``d + sky`` given the rate
+    ``m + sky``, ``sum[(m - d) - (d + s) log((m + s) / (d + s))]``: the exact likelihood of
+    "all"-mode noise, zero where m = d, and to second order in (d - m) the chi2 with variance
+    sky + model. ``noise="chi2"``: half the chi2 with variance sky + max(data, 0) (fixed
+    weights; a slight bias toward low fluxes where sources outshine the sky).
+    """
+    sky = sky[:, None, None]
+    rate = jnp.maximum(model + sky, 1e-3 * sky)  # the Poisson rate; stays positive
+    chi2 = jnp.sum(weight * (image - model) ** 2 / jnp.maximum(sky + model, sky))
+    if noise == "chi2":
+        var = sky + jnp.maximum(image, 0.0)
+        return NLLTerms(0.5 * jnp.sum(weight * (image - model) ** 2 / var), chi2)
+    counts = jnp.maximum(image + sky, 0.0)
+    safe = jnp.where(counts > 0, counts, 1.0)
+    dev = (rate - counts) - counts * (jnp.log(rate) - jnp.log(safe))
+    return NLLTerms(jnp.sum(weight * dev), chi2)
+
+
+def prior_term(gal1: Galaxies, mask1, prior: Prior):
+    z = (jnp.log(gal1.hlr) - prior.log_hlr_mean) / prior.log_hlr_width
+    return 0.5 * jnp.sum(jnp.where(mask1, z * z, 0.0))
+
+
+def neg_log_likelihood(gal: Galaxies, mask, images, psf_k, spec: RenderSpec, sky,
+                       prior: Prior | None = None, weight=None, noise: str = "poisson"):
+    """Negative log-likelihood (+ prior) of a batch (see `nll_terms` for ``noise``).
+
+    Args:
+        gal: `Galaxies` [blend, slot, ...].
+        mask: [blend, slot] bool.
+        images: [blend, band, S, S] background-subtracted electrons.
+        psf_k: [band, Ry, Cx] (or [blend, band, Ry, Cx]) PSF x pixel on the spec's grid.
+        spec: the static `RenderSpec` (one component kind).
+        sky: [band] (or [blend, band]) sky electrons per pixel.
+        prior: optional `Prior`.
+        weight: optional [blend, band, S, S] pixel weights (0 masks a pixel).
+
+    Returns:
+        [blend] negative log-likelihoods (constants dropped).
+    """
+    prior = Prior() if prior is None else prior
+    sky = jnp.broadcast_to(jnp.asarray(sky, images.dtype), images.shape[:2])
+    weight = jnp.ones_like(images) if weight is None else weight
+
+    def one(g1, m1, img, s, w, pk):
+        model = render_one(g1, m1, pk, spec)
+        return nll_terms(model, img, s, w, noise).nll + prior_term(g1, m1, prior)
+
+    pk_axis = 0 if psf_k.ndim == 4 else None
+    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, pk_axis))(gal, mask, images, sky, weight, psf_k)
+
+
+def psf_images(psf_k, spec: RenderSpec, n_band, dtype, on_pixel: bool = False):
+    """PSF images [band, S, S] centred on the stamp's centre, or with ``on_pixel`` on pixel
+    (S // 2, S // 2)."""
+    point = dataclasses.replace(spec, kinds=("point",))
+    z = jnp.zeros((1, 1), dtype)
+    d = z + (0.5 * spec.pixel_scale if on_pixel and spec.stamp_pixels % 2 == 0 else 0.0)
+    src = Sources(flux=jnp.ones((1, 1, n_band, 1), dtype), hlr=jnp.ones((1, 1, 1), dtype),
+                  q=jnp.ones((1, 1, 1), dtype), beta=jnp.zeros((1, 1, 1), dtype),
+                  n=jnp.ones((1, 1, 1), dtype), dx=d, dy=d, rotation=z, g1=z, g2=z,
+                  mask=jnp.ones((1, 1), bool))
+    return render(src, psf_k, point)[0][0]
+
+
+def model_images(galaxies: Galaxies, mask, psf_k, spec: RenderSpec):
+    """Each fitted galaxy's model [blend, slot, band, S, S] (0 in empty slots)."""
+    _, iso = render(to_sources(galaxies, mask, spec), psf_k, spec, isolated=True)
+    return iso

@@ -1,0 +1,265 @@
+"""Detections in, fitted galaxies and their errors out (`fit_blends`)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btkjax.core.render import RenderSpec
+from btkjax.deblend.chunks import apply_chunked, check_chunk, pad_mask
+from btkjax.deblend.errors import fisher_errors
+from btkjax.deblend.fit import fit, to_physical_batch, to_unconstrained_batch
+from btkjax.deblend.init import init_galaxies
+from btkjax.deblend.model import (
+    STATUS_ADDED,
+    STATUS_BAD_ERRORS,
+    STATUS_NO_DETECTIONS,
+    STATUS_OUTSIDE_STAMP,
+    STATUS_TOO_MANY,
+    FitResult,
+    Galaxies,
+    check_spec,
+)
+from btkjax.deblend.residual import residual_peaks, split_candidates
+
+__all__ = ["PaddedDetections", "pad_detections", "fit_blends"]
+
+
+class PaddedDetections(NamedTuple):
+    """What `pad_detections` returns (numpy arrays [blend, slot], and [blend])."""
+
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    too_many: np.ndarray
+
+
+def pad_detections(detections, max_sources: int | None = None, fluxes=None):
+    """Ragged detections -> `PaddedDetections` (x, y, mask, too_many) numpy arrays.
+
+    Args:
+        detections: list over blends of [n_i, 2] (x, y) pixel arrays (or tables with
+            ``x_peak``, ``y_peak``).
+        max_sources: slots per blend (default the largest n_i, at least 1).
+        fluxes: optional list over blends of [n_i] brightness used to keep the brightest when
+            a blend has more than ``max_sources`` detections (default: the first ones).
+    """
+    rows = []
+    for d in detections:
+        if hasattr(d, "colnames"):
+            d = np.stack([np.asarray(d["x_peak"], float), np.asarray(d["y_peak"], float)], -1)
+        d = np.asarray(d, dtype=float).reshape(-1, 2)
+        rows.append(d)
+    k = max_sources or max([1] + [len(r) for r in rows])
+    n = len(rows)
+    x = np.zeros((n, k))
+    y = np.zeros((n, k))
+    mask = np.zeros((n, k), bool)
+    too_many = np.zeros(n, bool)
+    for i, r in enumerate(rows):
+        order = np.arange(len(r))
+        if len(r) > k:
+            too_many[i] = True
+            if fluxes is not None:
+                order = np.argsort(-np.asarray(fluxes[i], float))
+            order = np.sort(order[:k])
+        r = r[order]
+        x[i, : len(r)], y[i, : len(r)] = r[:, 0], r[:, 1]
+        mask[i, : len(r)] = True
+    return PaddedDetections(x, y, mask, too_many)
+
+
+def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=None,
+               init: Galaxies | None = None, errors: bool = True, chunk: int | None = None,
+               add_sources: int = 0, residual_kwargs: dict | None = None,
+               residual_rounds: int = 1, split_sources: bool = False,
+               split_min_excess: float = 25.0,
+               **fit_kwargs) -> FitResult:
+    """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
+    entry point).
+
+    Args:
+        images: [blend, band, S, S] background-subtracted images (electrons).
+        detections: ``(x, y, mask)`` arrays [blend, slot] in pixels, or a list over blends of
+            [n_i, 2] (x, y) arrays or tables with ``x_peak``, ``y_peak``.
+        psf_k: [band, Ry, Cx] PSF x pixel on ``spec``'s grid (`btkjax.core.render.psf_kimage_from_galsim`
+            or `default_psf_kimage`), or [blend, band, Ry, Cx].
+        spec: the fit's `RenderSpec` (`fit_spec`), one component kind: the model.
+        sky: [band] sky electrons per pixel.
+        max_sources: slots per blend for ragged detections.
+        init: initial `Galaxies` (default `init_galaxies`).
+        errors: compute the Fisher errors (`fisher_errors`) at the fit.
+        chunk: blends per compiled call (`default_chunk`).
+        add_sources: after the fit, look for up to this many sources per blend that the
+            detection missed (`residual_peaks` of the residual, ``residual_kwargs``), put them
+            in free slots, and fit those blends again from `init_galaxies`; the refit is kept
+            (status `STATUS_ADDED`, ``FitResult.added``) when -log L drops by more than the
+            number of new parameters.
+        residual_kwargs: ``snr_threshold``, ``min_distance``, ``mismatch``, ``colour`` of
+            `residual_peaks`.
+        residual_rounds: rounds of residual detection (each looks at the residual of the fit
+            kept by the previous one; it stops early when nothing significant is found or
+            kept).
+        split_sources: model comparison on the joint fit: in each blend with a free slot, the
+            fitted galaxy with the largest excess chi-square of the residual near it
+            (`split_candidates`, above ``split_min_excess``) is replaced by two galaxies on its
+            major axis, and the blend fitted again; the two are kept when -log L drops by more
+            than the new galaxy's parameters (Akaike), as for ``add_sources``.
+        **fit_kwargs: passed to `fit` (optimizer, max_steps, rtol, prior, ...).
+
+    Returns:
+        `FitResult`.
+    """
+    check_spec(spec)
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != spec.stamp_pixels or images.shape[-2] != \
+            spec.stamp_pixels:
+        raise ValueError(f"images must be [blend, band, {spec.stamp_pixels}, "
+                         f"{spec.stamp_pixels}] (the spec's stamp), got {images.shape}.")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        images = images.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    if jax.config.jax_enable_x64 and images.dtype == jnp.float32 and \
+            fit_kwargs.get("optimizer", "lbfgs") == "lbfgs":
+        # optax's L-BFGS line search differentiates its value function with a float64
+        # cotangent under x64, which fails on float32 parameters: fit in float64 (the sharp bit
+        # is optax's).
+        images = images.astype(jnp.float64)
+    psf_k = jnp.asarray(psf_k)
+    if psf_k.dtype != (jnp.complex128 if images.dtype == jnp.float64 else jnp.complex64):
+        psf_k = psf_k.astype(jnp.complex128 if images.dtype == jnp.float64 else jnp.complex64)
+    n_band = images.shape[1]
+    sky_arr = np.asarray(sky, dtype=float)
+    if sky_arr.shape[-1] != n_band or np.any(~(sky_arr > 0)):
+        raise ValueError(f"sky must hold {n_band} positive levels (one per band), got {sky}.")
+    if psf_k.ndim not in (3, 4) or psf_k.shape[-3] != n_band:
+        raise ValueError(f"psf_k must be [band, Ry, Cx] or [blend, band, Ry, Cx] with {n_band} "
+                         f"bands, got shape {psf_k.shape}.")
+    too_many = np.zeros(images.shape[0], bool)
+    if isinstance(detections, tuple) and len(detections) == 3:
+        x, y, mask = (np.asarray(a) for a in detections)
+        mask = mask.astype(bool)
+        if not (x.shape == y.shape == mask.shape and x.ndim == 2 and len(x) == len(images)):
+            raise ValueError(f"detections (x, y, mask) must be [blend, slot] arrays with "
+                             f"{len(images)} blends, got shapes {x.shape}, {y.shape}, "
+                             f"{mask.shape}.")
+    else:
+        if len(detections) != images.shape[0]:
+            raise ValueError(f"detections has {len(detections)} blends, images "
+                             f"{images.shape[0]}.")
+        x, y, mask, too_many = pad_detections(detections, max_sources)
+    s = spec.stamp_pixels
+    inside = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x <= s - 0.5) & (y >= -0.5) & \
+        (y <= s - 0.5)
+    outside = (mask & ~inside).any(axis=1)
+    mask = mask & inside
+    x = np.where(mask, x, (s - 1) / 2)
+    y = np.where(mask, y, (s - 1) / 2)
+    dtype = images.dtype
+    model = spec.kinds[0]
+    max_offset = float(fit_kwargs.get("max_offset", 4.0))
+    chunk = check_chunk(chunk)
+    ax, ay = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    jmask = jnp.asarray(mask)
+    sky_init = jnp.asarray(sky_arr if sky_arr.ndim == 1 else sky_arr[0], dtype)
+    if init is None:
+        psf_shared = psf_k if psf_k.ndim == 3 else psf_k[0]
+        init = apply_chunked(lambda img, x1, y1, m1: init_galaxies(img, x1, y1, m1, psf_shared, spec,
+                                                              sky_init),
+                        images.shape[0], chunk, (images, ax, ay, pad_mask(jmask, chunk)))
+    params = to_unconstrained_batch(init, ax, ay, chunk, model, max_offset)
+    out = fit(params, ax, ay, jmask, images, psf_k, spec, sky_arr, chunk=chunk, **fit_kwargs)
+    status, n_steps, loss, chi2 = out.status, out.n_steps, out.loss, out.chi2
+    galaxies = to_physical_batch(out.params, ax, ay, chunk, model, max_offset)
+    added = np.zeros(mask.shape, bool)
+    if isinstance(add_sources, bool) or not isinstance(add_sources, int | np.integer) or \
+            add_sources < 0:
+        raise ValueError(f"add_sources must be a number of galaxies >= 0, got {add_sources!r}.")
+    if add_sources and psf_k.ndim != 3:
+        raise ValueError("add_sources needs one PSF for the batch ([band, Ry, Cx]).")
+    if isinstance(residual_rounds, bool) or not isinstance(residual_rounds, int | np.integer) \
+            or residual_rounds < 1:
+        raise ValueError(f"residual_rounds must be a number of rounds >= 1, got "
+                         f"{residual_rounds!r}.")
+    n_par_one = 5 + n_band + (model == "sersic")
+
+    def attempt(redo, x2, y2, m2, a2, n_new):
+        """Refits blends ``redo`` from the detections (x2, y2, m2) and keeps each refit whose
+        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); True if any."""
+        nonlocal galaxies, init, status, n_steps, loss, chi2, ax, ay, jmask
+        img2 = np.asarray(images)[redo]  # numpy: no gather compiled per len(redo)
+        ax2, ay2, jm2 = jnp.asarray(x2, dtype), jnp.asarray(y2, dtype), jnp.asarray(m2)
+        init2 = apply_chunked(lambda img, x1, y1, m1: init_galaxies(img, x1, y1, m1, psf_k, spec,
+                                                                    sky_init),
+                              len(redo), chunk, (img2, ax2, ay2, pad_mask(jm2, chunk)))
+        sky2 = sky_arr if sky_arr.ndim == 1 else sky_arr[redo]
+        out2 = fit(to_unconstrained_batch(init2, ax2, ay2, chunk, model, max_offset),
+                   ax2, ay2, jm2, img2, psf_k, spec, sky2, chunk=chunk, **fit_kwargs)
+        keep = np.asarray(out2.loss) < np.asarray(loss)[redo] - n_new * n_par_one
+        keep &= np.isfinite(np.asarray(out2.loss))
+        k, kr = redo[keep], np.flatnonzero(keep)
+        if not len(k):
+            return False
+
+        def merge(a, b):  # on the host: eager scatters would compile for every len(k)
+            a = np.array(a)
+            a[k] = np.asarray(b)[kr]
+            return jnp.asarray(a)
+
+        gal2 = to_physical_batch(out2.params, ax2, ay2, chunk, model, max_offset)
+        galaxies = jax.tree.map(merge, galaxies, gal2)
+        init = jax.tree.map(merge, init, init2)
+        status = merge(status, np.asarray(out2.status) | STATUS_ADDED)
+        n_steps = merge(n_steps, np.asarray(out2.n_steps) + np.asarray(n_steps)[redo])
+        loss, chi2 = merge(loss, out2.loss), merge(chi2, out2.chi2)
+        mask[k], added[k] = m2[kr], a2[kr]
+        x[k], y[k] = x2[kr], y2[kr]
+        ax, ay, jmask = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(mask)
+        return True
+
+    for _ in range(int(residual_rounds) if add_sources else 0):
+        peaks = residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
+                               n_add=int(add_sources), chunk=chunk, **(residual_kwargs or {}))
+        px, py, found = np.asarray(peaks.x), np.asarray(peaks.y), np.asarray(peaks.found)
+        free = (~mask).sum(axis=1)
+        found = found & (np.cumsum(found, axis=1) <= free[:, None])
+        redo = np.flatnonzero(found.any(axis=1))
+        if not len(redo):
+            break
+        x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
+        for r in range(len(redo)):
+            slots = np.flatnonzero(~m2[r])[:found[r].sum()]
+            x2[r, slots], y2[r, slots] = px[redo[r]][found[r]], py[redo[r]][found[r]]
+            m2[r, slots] = a2[r, slots] = True
+        if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)):
+            break
+    if split_sources:
+        if psf_k.ndim != 3:
+            raise ValueError("split_sources needs one PSF for the batch ([band, Ry, Cx]).")
+        cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
+                                min_excess=float(split_min_excess))
+        redo = np.flatnonzero(cand.slot >= 0)
+        if len(redo):
+            x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
+            for r, b in enumerate(redo):
+                new = np.flatnonzero(~m2[r])[0]
+                x2[r, cand.slot[b]], y2[r, cand.slot[b]] = cand.x1[b], cand.y1[b]
+                x2[r, new], y2[r, new] = cand.x2[b], cand.y2[b]
+                m2[r, new] = a2[r, new] = True
+            attempt(redo, x2, y2, m2, a2, np.ones(len(redo)))
+    status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
+                                   | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
+                                   | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)
+    errs = None
+    if errors:
+        fe = fisher_errors(galaxies, jmask, images, psf_k, spec, sky_arr, chunk=chunk,
+                           prior=fit_kwargs.get("prior"), weight=fit_kwargs.get("weight"),
+                           noise=fit_kwargs.get("noise", "poisson"))
+        errs = fe.errors
+        status = status | np.where(np.asarray(fe.ok), 0, STATUS_BAD_ERRORS).astype(np.int32)
+    return FitResult(galaxies=galaxies, init=init, mask=jmask, status=jnp.asarray(status),
+                     n_steps=n_steps, loss=loss, chi2=chi2,
+                     n_pixels=int(np.prod(images.shape[1:])), errors=errs,
+                     added=jnp.asarray(added))

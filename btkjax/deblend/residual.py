@@ -1,0 +1,203 @@
+"""Galaxies the detection missed: significant peaks of the residual of a fit."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btkjax.core.render import RenderSpec
+from btkjax.deblend.chunks import apply_chunked, check_chunk, map_blends, pad_mask
+from btkjax.deblend.model import TRACES, Galaxies, check_spec, model_images, psf_images, render_one
+
+__all__ = ["ResidualPeaks", "residual_peaks", "SplitCandidates", "split_candidates"]
+
+
+class ResidualPeaks(NamedTuple):
+    """What `residual_peaks` returns: [blend, n_add] pixel positions and significance."""
+
+    x: jax.Array
+    y: jax.Array
+    found: jax.Array
+
+
+def _matched_snr(resid, var, kern):
+    """Matched-filter S/N [S, S] of a residual [S, S] of variance ``var`` with kernel ``kern``."""
+    conv = partial(jax.scipy.signal.convolve2d, mode="same")
+    return conv(resid, kern[::-1, ::-1]) / jnp.sqrt(
+        jnp.maximum(conv(var, (kern * kern)[::-1, ::-1]), 1e-30))
+
+
+def _gaussian_sigmas(chi2, dof):
+    """The Gaussian significance (one-sided sigmas) of a chi-square ``chi2`` with ``dof``."""
+    p = jax.scipy.special.gammaincc(dof / 2, jnp.maximum(chi2, 0.0) / 2)
+    p = jnp.clip(p, 1e-300, 0.5)
+    return -jax.scipy.special.ndtri(p)
+
+
+def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add, snr_threshold,
+                        min_distance, mismatch, colour):
+    """Up to ``n_add`` significant peaks of one blend's residual; (x, y, found) [n_add]."""
+    dtype = image.dtype
+    s = spec.stamp_pixels
+    n_band = image.shape[0]
+    model = render_one(gal1, mask1, psf_k, spec)
+    var_b = sky[:, None, None] + jnp.maximum(model, 0.0) + (mismatch * model) ** 2
+    psf_b = psf_images(psf_k, spec, n_band, dtype, True)
+    c = s // 2
+    h = min(5, c - 1)
+    kern_b = psf_b[:, c - h:c + h + 1, c - h:c + h + 1]
+    kern_b = kern_b / jnp.sum(kern_b, axis=(1, 2), keepdims=True)
+    w = 1 / sky  # inverse-sky band weights, as the detection image of `init_galaxies`
+    resid = jnp.einsum("Byx,B->yx", image - model, w)
+    var = jnp.einsum("Byx,B->yx", sky[:, None, None] + jnp.maximum(model, 0.0), w * w)
+    var = var + (mismatch * jnp.einsum("Byx,B->yx", model, w)) ** 2
+    # matched filter: the band-weighted PSF image, cut to 11 x 11 pixels
+    kern = jnp.einsum("Byx,B->yx", kern_b, w)
+    snr = _matched_snr(resid, var, kern / jnp.sum(kern))
+    if colour:
+        # colour-aware: each band's matched-filter S/N, their positive parts squared and summed
+        # (a chi-square of n_band degrees of freedom for noise; conservative, since only the
+        # positive parts count), as a Gaussian significance: a neighbour whose colour differs
+        # from the 1 / sky weighting (a red galaxy under a blue one) stands out in it.
+        snr_b = jax.vmap(_matched_snr)(image - model, var_b, kern_b)
+        chi2 = jnp.sum(jnp.maximum(snr_b, 0.0) ** 2, axis=0)
+        snr = jnp.maximum(snr, _gaussian_sigmas(chi2, jnp.asarray(n_band, dtype)))
+    yy, xx = jnp.mgrid[0:s, 0:s].astype(dtype)
+    near = jnp.any(mask1[:, None, None] & ((xx[None] - gal1.x[:, None, None]) ** 2
+                                           + (yy[None] - gal1.y[:, None, None]) ** 2
+                                           < min_distance**2), axis=0)
+    peak = snr >= jax.lax.reduce_window(snr, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "SAME")
+    score = jnp.where(peak & ~near & jnp.isfinite(snr), snr, -jnp.inf)
+    xs, ys, found = [], [], []
+    for _ in range(n_add):
+        i = jnp.argmax(score)
+        py, px = (i // s).astype(dtype), (i % s).astype(dtype)
+        ok = score.reshape(-1)[i] > snr_threshold
+        xs.append(px)
+        ys.append(py)
+        found.append(ok)
+        score = jnp.where((xx - px) ** 2 + (yy - py) ** 2 < min_distance**2, -jnp.inf, score)
+    return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
+
+
+@partial(jax.jit, static_argnames=("spec", "n_add", "colour"))
+def _residual_peaks_jit(galaxies, mask, images, sky, psf_k, snr_threshold, min_distance, mismatch,
+                        *, spec, n_add, colour):
+    TRACES["residual"] += 1
+    one = partial(_residual_peaks_one, spec=spec, n_add=n_add, snr_threshold=snr_threshold,
+                  min_distance=min_distance, mismatch=mismatch, colour=colour)
+    return map_blends(one, 4, galaxies, mask, images, sky, psf_k)
+
+
+def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky, *,
+                   n_add: int = 1, snr_threshold: float = 5.0, min_distance: float = 2.0,
+                   mismatch: float = 0.05, colour: bool = False, chunk: int | None = None):
+    """Sources the detection missed: significant peaks of the residual of a fit.
+
+    The residual ``images - model`` is summed over bands with weights 1 / sky, filtered with
+    the band-weighted PSF (the matched filter of a point source) and divided by the filtered
+    noise, whose variance is the Poisson variance (sky + model) plus ``(mismatch * model)^2``:
+    a galaxy that the single-profile model describes to a few percent (a bulge, a disk) leaves
+    residuals that stay below the threshold, a neighbour that the detection missed does not.
+    Peaks (3 x 3 local maxima) above ``snr_threshold`` and at least ``min_distance`` pixels from
+    the fitted galaxies and from each other are returned, the most significant first.
+
+    ``colour=True`` also computes each band's matched-filter S/N of the residual (its own PSF,
+    its own noise) and sums the squares of their positive parts: a chi-square of ``n_band``
+    degrees of freedom under the noise, turned into a Gaussian significance; a pixel's S/N is
+    the larger of the two. The band sum weights bands as a flat spectrum in electrons would;
+    the chi-square finds a neighbour of another colour (a red galaxy under a blue one) at the
+    same false-positive rate per statistic.
+
+    Args:
+        galaxies, mask: the fit (`Galaxies`, [blend, slot] bool).
+        images, psf_k, spec, sky: as `fit_blends` (one PSF for the batch: [band, Ry, Cx]).
+        n_add: peaks per blend.
+        snr_threshold, min_distance, mismatch, colour: see above.
+        chunk: blends per compiled call (`default_chunk`).
+
+    Returns:
+        `ResidualPeaks` (x, y, found): [blend, n_add] pixel positions and whether each
+        peak is significant.
+    """
+    check_spec(spec)
+    images = jnp.asarray(images)
+    dtype = images.dtype
+    n = images.shape[0]
+    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
+    chunk = check_chunk(chunk)
+    mask = pad_mask(jnp.asarray(mask, bool), chunk)
+    galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
+    psf_k = jnp.asarray(psf_k)
+    if psf_k.ndim != 3:
+        raise ValueError(f"residual_peaks needs one PSF for the batch ([band, Ry, Cx]), got "
+                         f"shape {psf_k.shape}.")
+
+    def run(g, m, img, s1):
+        return _residual_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
+                                   jnp.asarray(min_distance, dtype), jnp.asarray(mismatch, dtype),
+                                   spec=spec, n_add=int(n_add), colour=bool(colour))
+
+    return ResidualPeaks(*apply_chunked(run, n, chunk, (galaxies, mask, images, sky)))
+
+
+class SplitCandidates(NamedTuple):
+    """What `split_candidates` returns, per blend (numpy): the slot to split (-1: none), and
+    the two positions (pixels) that replace it."""
+
+    slot: np.ndarray
+    x1: np.ndarray
+    y1: np.ndarray
+    x2: np.ndarray
+    y2: np.ndarray
+    excess: np.ndarray
+
+
+def split_candidates(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky, *,
+                     min_excess: float = 25.0, radius_hlr: float = 1.5,
+                     offset_hlr: float = 0.6) -> SplitCandidates:
+    """Which fitted galaxy of each blend may be two: the one whose residual chi-square within
+    ``radius_hlr`` half-light radii (2.5 pixels at least) exceeds its number of pixels x bands
+    the most, when by more than ``min_excess``, in blends with a free slot. A single profile
+    fitted to two merged galaxies leaves such an excess (a dipole or a waist) rather than a
+    peak. The two positions are the galaxy's centre -+ ``offset_hlr`` half-light radii (1 to 3
+    pixels) along its major axis.
+
+    Args:
+        galaxies, mask: the fit (`Galaxies`, [blend, slot] bool).
+        images, psf_k, spec, sky: as `fit_blends` (one PSF for the batch, sky [band]).
+
+    Returns:
+        `SplitCandidates`.
+    """
+    mask = np.asarray(mask, bool)
+    images = np.asarray(images, float)
+    sky = np.asarray(sky, float)
+    models = np.asarray(model_images(galaxies, jnp.asarray(mask), psf_k, spec), float)
+    total = models.sum(axis=1)
+    chi = (images - total) ** 2 / (sky[None, :, None, None] + np.maximum(total, 0.0))
+    chi = chi.sum(axis=1)  # [blend, S, S]
+    n_band = images.shape[1]
+    g = jax.tree.map(np.asarray, galaxies)
+    s = spec.stamp_pixels
+    yy, xx = np.mgrid[0:s, 0:s]
+    hlr_pix = g.hlr / spec.pixel_scale
+    radius = np.maximum(2.5, radius_hlr * hlr_pix)  # [blend, slot]
+    near = ((xx[None, None] - g.x[..., None, None]) ** 2 + (yy[None, None] - g.y[..., None, None])
+            ** 2) < radius[..., None, None] ** 2
+    excess = np.einsum("bkyx,byx->bk", near, chi) - n_band * near.sum(axis=(-2, -1))
+    excess = np.where(mask, excess, -np.inf)
+    best = np.argmax(excess, axis=1)
+    n = len(best)
+    top = excess[np.arange(n), best]
+    ok = (top > min_excess) & (~mask).any(axis=1) & mask.any(axis=1)
+    theta = 0.5 * np.arctan2(g.g2, g.g1)[np.arange(n), best]
+    d = np.clip(offset_hlr * hlr_pix[np.arange(n), best], 1.0, 3.0)
+    cx, cy = g.x[np.arange(n), best], g.y[np.arange(n), best]
+    ux, uy = d * np.cos(theta), d * np.sin(theta)
+    return SplitCandidates(slot=np.where(ok, best, -1), x1=cx - ux, y1=cy - uy, x2=cx + ux,
+                           y2=cy + uy, excess=top)
