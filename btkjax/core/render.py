@@ -391,8 +391,8 @@ def render(
     Args:
         sources: `Sources` with a leading blend axis.
         psf_k: [band, Ry, Cx] the PSF x pixel transfer function on the evaluation grid
-            (`psf_kimage_from_galsim` or `default_psf_kimage`), or [blend, band, Ry, Cx] for a
-            PSF per blend.
+            (`btkjax.optics.psf_kimage_from_galsim` or `default_psf_kimage`), or
+            [blend, band, Ry, Cx] for a PSF per blend.
         spec: the static `RenderSpec`.
         isolated: also return each galaxy alone.
         chunk: blends processed at once (bounds memory; does not change the result).
@@ -420,7 +420,10 @@ def render(
 def default_psf_kimage(spec: RenderSpec, fwhm, lam_over_diam, obscuration, include_pixel=True):
     """BTK's default PSF (Kolmogorov x obscured Airy) x pixel on the grid, in JAX.
 
-    Differentiable in ``fwhm``, ``lam_over_diam`` and ``obscuration`` (scalars or [band]).
+    Differentiable in ``fwhm``, ``lam_over_diam`` and ``obscuration`` (scalars or [band]). This
+    is the analytic transfer function: the periodic box folds the PSF's power-law wings back
+    onto the stamp (~1e-3 of a star's flux in a 24" LSST box, a few 1e-9 of the peak per pixel),
+    which `btkjax.optics.psf_kimage_from_galsim` takes out and this does not.
 
     Returns:
         complex array [Ry, Cx], or [band, Ry, Cx] for [band] parameters.
