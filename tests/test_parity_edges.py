@@ -226,3 +226,51 @@ def test_box_sizes_match_box_size_and_rule():
     assert np.all(got >= need) and np.all(got % 2 == 0)
     assert all(good_fft_size(int(g)) == g for g in got)
     assert np.all([good_fft_size(int(m)) for m in need] == got)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap, as for CatSim bulges: the Sersic tails (n up to ~6) beyond the brightness extent "
+    "fold onto the stamp: measured +1.5e-5 to +1.6e-5 in every band (issue 16 saw +2e-4 to "
+    "+4e-4 before the PSF-wing fix); pixels within 2e-5 of the peak."))
+def test_cosmos_parametric_stamp_sums_match_galsim(x64):
+    """COSMOS parametric galaxies (bulge + disk and single Sersic fits) drawn by
+    CosmosGenerator and by its GalSim backend at tight gsparams, LSST: sums and pixels."""
+    import warnings
+
+    from conftest import COSMOS_DIR
+
+    from btkjax.cosmos import CosmosCatalog, CosmosGenerator
+    from btkjax.sampling_functions import SamplingFunction
+    from btkjax.survey import get_surveys
+
+    files = [COSMOS_DIR / "real_galaxy_catalog_23.5_example.fits",
+             COSMOS_DIR / "real_galaxy_catalog_23.5_example_fits.fits"]
+    if not all(f.exists() for f in files):
+        pytest.skip(f"COSMOS example data not found in {COSMOS_DIR}")
+    catalog = CosmosCatalog.from_file(files, exclusion_level="bad_fits")
+    table = catalog.table
+    bulge = np.flatnonzero(np.asarray(table["use_bulgefit"]) == 1)
+    sersic = np.flatnonzero(np.asarray(table["use_bulgefit"]) == 0)
+    rows = [int(bulge[0]), int(sersic[0]), int(sersic[1])]
+
+    class Fixed(SamplingFunction):
+        def __init__(self):
+            super().__init__(24.0, max_number=3)
+
+        def __call__(self, table):
+            out = table[rows]
+            out["ra"], out["dec"] = [0.3, -1.1, 1.7], [-0.4, 0.9, 1.2]
+            return out
+
+    out = {}
+    for backend in ("jax", "galsim"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gen = CosmosGenerator(catalog, Fixed(), get_surveys("LSST"), batch_size=1,
+                                  backend=backend, add_noise="none", dtype="float64",
+                                  galsim_gsparams=tight_gsparams(), gal_type="parametric")
+            out[backend] = np.asarray(next(gen)["blend_images"])
+    ours, ref = out["jax"], out["galsim"]
+    rel = ours.sum((-1, -2)) / ref.sum((-1, -2)) - 1
+    assert np.abs(rel).max() <= tol.STAMP_SUM_RTOL, rel
+    assert _peak_err(ours, ref) <= tol.IMAGE_RTOL_PEAK_F64

@@ -47,9 +47,11 @@ __all__ = [
     "galaxy_reach",
 ]
 
-MAX_FFT_SIZE = 8192
-"""The largest FFT box (pixels per side) the planner hands out (GalSim's default
-``maximum_fft_size``); a blend needing more raises a ValueError naming it."""
+MAX_FFT_SIZE = 4096
+"""The largest FFT box (pixels per side) the planner hands out, half GalSim's default
+``maximum_fft_size``: one galaxy's [component, k] grid at 4096 pixels is ~0.2 GB per array in
+float32 (and it holds galaxies up to ~400" from a 0.2" stamp); a blend needing more raises a
+ValueError naming it rather than folding its light back in."""
 
 def good_fft_size(n: int) -> int:
     """The smallest even integer >= n whose prime factors are 2, 3 and 5 (fast for XLA's FFT)."""
