@@ -14,7 +14,10 @@ import numpy as np
 from btkjax.core.kinds import get_kind
 from btkjax.core.render import RenderSpec, Sources
 
-__all__ = ["GALSIM_PROFILES", "galsim_galaxy", "render_galsim", "render_cosmos_galsim", "tight_gsparams"]
+__all__ = [
+    "GALSIM_PROFILES", "galsim_galaxy", "render_galsim", "render_cosmos_galsim", "tight_gsparams",
+    "with_gsparams",
+]
 
 
 def tight_gsparams() -> galsim.GSParams:
@@ -27,6 +30,32 @@ def tight_gsparams() -> galsim.GSParams:
         xvalue_accuracy=1e-9,
         maximum_fft_size=32768,
     )
+
+
+def with_gsparams(obj, gsparams: galsim.GSParams):
+    """``obj.withGSParams(gsparams)`` without the values GalSim computed for the old gsparams.
+
+    GalSim's ``withGSParams`` copies the object with ``copy.copy``, which keeps its cached lazy
+    properties: a PSF whose ``stepk`` was computed at the default folding_threshold (5e-3, by
+    any earlier drawing) keeps that FFT box (~10" for LSST's PSF instead of ~190" at 1e-4),
+    and its wings fold back into the reference images (+1e-3 of a star's flux in a 24" stamp).
+    Cached values are dropped here, through wrapped objects too.
+    """
+    out = obj.withGSParams(gsparams)
+    _drop_cached(out, set())
+    return out
+
+
+def _drop_cached(obj, seen: set) -> None:
+    if id(obj) in seen or not isinstance(obj, galsim.GSObject):
+        return
+    seen.add(id(obj))
+    cls = type(obj)
+    for name in list(vars(obj)):
+        if isinstance(getattr(cls, name, None), galsim.utilities.lazy_property):
+            delattr(obj, name)
+    for child in list(getattr(obj, "obj_list", ())) + [getattr(obj, "original", None)]:
+        _drop_cached(child, seen)
 
 
 def _point(flux, hlr, n, gsparams):
@@ -119,7 +148,7 @@ def render_galsim(
         for j in range(n_band):
             psf = band_psfs[j]
             if gsparams is not None:
-                psf = psf.withGSParams(gsparams)
+                psf = with_gsparams(psf, gsparams)
             for g in range(n_slot):
                 gal = galsim_galaxy(sources, b, g, j, spec.kinds, gsparams)
                 if gal is None:
@@ -157,7 +186,7 @@ def render_cosmos_galsim(galsim_catalog, blends, fluxes, psfs, spec: RenderSpec,
     images = np.zeros((n_blend, n_band, s, s), dtype)
     iso = np.zeros((n_blend, n_slot, n_band, s, s), dtype) if isolated else None
     cache = {}
-    psfs = [p.withGSParams(gsparams) if gsparams is not None else p for p in psfs]
+    psfs = [with_gsparams(p, gsparams) if gsparams is not None else p for p in psfs]
     for b in range(n_blend):
         for g in range(n_slot):
             if not mask[b, g]:

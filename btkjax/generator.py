@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
@@ -36,22 +35,15 @@ from astropy.table import Table, vstack
 from tqdm.auto import tqdm
 
 from btkjax.catalog import Catalog
+from btkjax.core.boxes import MAX_FFT_SIZE, box_ladder, box_sizes, galaxy_reach, row_shapes
 from btkjax.core.keys import DEFAULT_SEED
 from btkjax.core.kinds import get_kind
+from btkjax.core.render import CATSIM_KINDS, RenderSpec, render
 from btkjax.core.samplers import Blends
 from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sources
 from btkjax.galsim_backend import render_galsim
 from btkjax.noise import add_noise, check_noise_mode
-from btkjax.render import (
-    CATSIM_KINDS,
-    RenderSpec,
-    good_fft_size,
-    make_render_spec,
-    psf_fold_box,
-    psf_kimage_from_galsim,
-    render,
-    row_extents,
-)
+from btkjax.optics import make_render_spec, psf_fold_box, psf_kimage_from_galsim
 from btkjax.sampling_functions import SamplingFunction, blends_from_tables
 from btkjax.survey import Survey, evaluate_psf, get_mean_sky_level, make_wcs
 
@@ -72,14 +64,13 @@ def _survey_stream(name: str) -> int:
 class _SurveyState:
     """Everything a generator precomputes once per survey.
 
-    FFT boxes: each blend is drawn in the smallest box of a ladder of fast sizes (N_0, ~1.5 N_0,
-    ...) that keeps its galaxies' light (`btkjax.render.row_extents`) and the PSF's wings
-    (`psf_fold_box`) from folding back into the stamp above FOLDING_THRESHOLD. N_0 fits the PSF
-    wings; larger galaxies get larger boxes. Each size compiles
-    once; a blend's image depends only on its own galaxies.
+    FFT boxes: each blend is drawn in the smallest box of a ladder of fast sizes (N_0, ~1.25 N_0,
+    ...) that keeps its galaxies' light (`btkjax.core.boxes.galaxy_reach`: flattened, sheared,
+    off the stamp) and the PSF's wings (`btkjax.optics.psf_fold_box`) from folding back into the
+    stamp above FOLDING_THRESHOLD. N_0 fits the PSF wings; larger galaxies get larger boxes, up
+    to `btkjax.core.boxes.MAX_FFT_SIZE`. Each size compiles once; a blend's image depends only
+    on its own galaxies.
     """
-
-    MAX_BOX_FACTOR = 8  # largest box, in stamp sides
 
     def __init__(self, survey, catalog_table, arrays, stamp_size, kinds, dtype, mag_column,
                  max_shift):
@@ -108,23 +99,16 @@ class _SurveyState:
         fwhm = max(float(survey.get_filter(b).psf_fwhm.to_value("arcsec")) for b in self.bands)
         # Callable (random) PSFs may be wider than the first draw: allow 20% more.
         slack = 1.0 if self.static_psf else 1.2
-        self.row_extent = row_extents(kinds, arrays.hlr, arrays.q, arrays.n, arrays.frac > 0,
-                                      slack * fwhm)
-        side = self.stamp_pixels * self.pixel_scale
+        self.psf_fwhm = slack * fwhm
+        self.shapes = row_shapes(kinds, arrays.hlr, arrays.q, arrays.n, arrays.frac > 0)
+        self.row_extent = None  # fixed per-row extents, for real galaxies (btkjax.cosmos)
         psfs = self._psfs
         if slack != 1.0:  # random PSFs: size the box for a PSF 20% wider than the first draw
             psfs = [p.dilate(slack) if hasattr(p, "dilate") else p for p in psfs]
-        base = psf_fold_box(psfs, self.stamp_pixels, self.pixel_scale, max_shift)
-        self.base_box = base
-        self.ladder = [base]
-        largest = good_fft_size(self.MAX_BOX_FACTOR * self.stamp_pixels)
-        while self.ladder[-1] < largest:
-            self.ladder.append(min(good_fft_size(int(self.ladder[-1] * 1.25)), largest))
+        self.base_box = psf_fold_box(psfs, self.stamp_pixels, self.pixel_scale, max_shift)
+        self.ladder = [int(s) for s in box_ladder(self.base_box, 2 * self.stamp_pixels)]
         self._specs = {}
-        self._fast_sizes = np.asarray([good_fft_size(2)])  # grown by _box_for_reach
         self._psf_k = {}
-        self._warned = False
-        _ = side
 
     def batch_psfs(self):
         return [evaluate_psf(self.survey, self.survey.get_filter(b)) for b in self.bands]
@@ -165,45 +149,30 @@ class _SurveyState:
 
     def box_sizes(self, blends, per_galaxy: bool = False) -> np.ndarray:
         """The FFT size of each blend of a batch ([blend]), or of each galaxy ([blend, slot],
-        0 in empty slots) with `per_galaxy` (host)."""
-        index = np.asarray(blends.index)
+        0 in empty slots) with `per_galaxy` (host): the smallest ladder size that holds every
+        galaxy's reach (the ladder grows as needed)."""
         mask = np.asarray(blends.mask)
-        shift = np.maximum(np.abs(np.asarray(blends.dx)), np.abs(np.asarray(blends.dy)))
-        g = np.hypot(np.asarray(blends.g1), np.asarray(blends.g2))
-        stretch = (1 + g) / np.sqrt(np.clip(1 - g * g, 1e-12, None))
-        reach = np.where(mask, self.row_extent[index] * stretch + shift, 0.0)
+        reach = galaxy_reach(self.shapes, blends.index, mask, blends.dx, blends.dy, blends.g1,
+                             blends.g2, self.psf_fwhm, self.stamp_pixels * self.pixel_scale,
+                             self.row_extent)
         if not per_galaxy:
             reach = reach.max(axis=1)
-        need = np.maximum(self._box_for_reach(reach), self.base_box)
-        ladder = np.asarray(self.ladder)
-        pos = np.searchsorted(ladder, need)
-        if np.any(pos >= len(ladder)) and not self._warned:
-            worst = int(need.max())
-            warnings.warn(
-                f"{self.name}: a blend's galaxies need an FFT box of {worst} pixels to keep "
-                f"folded light below FOLDING_THRESHOLD; they are drawn in the largest box, "
-                f"{ladder[-1]} pixels ({self.MAX_BOX_FACTOR} stamp sides), where light beyond "
-                f"it folds back into the stamp.",
-                stacklevel=3,
+        need = np.maximum(box_sizes(reach, self.stamp_pixels, self.pixel_scale), self.base_box)
+        if need.size and need.max() > MAX_FFT_SIZE:
+            at = np.unravel_index(int(np.argmax(need)), need.shape)
+            raise ValueError(
+                f"{self.name}: the galaxies of blend {at[0]} of the batch reach "
+                f"{float(reach[at]):.4g} arcsec from the stamp centre (shifts dx, dy up to "
+                f"{float(np.abs(np.asarray(blends.dx)[at[0]]).max()):.4g}, "
+                f"{float(np.abs(np.asarray(blends.dy)[at[0]]).max()):.4g} arcsec): holding their "
+                f"light needs an FFT box of {int(need.max())} pixels, more than MAX_FFT_SIZE="
+                f"{MAX_FFT_SIZE}. Keep galaxies within a few stamp sides of the stamp."
             )
-            self._warned = True
-        sizes = ladder[np.minimum(pos, len(ladder) - 1)]
+        while need.size and self.ladder[-1] < need.max():
+            self.ladder.extend(int(s) for s in box_ladder(self.ladder[-1], int(need.max()))[1:])
+        ladder = np.asarray(self.ladder)
+        sizes = ladder[np.searchsorted(ladder, need)]
         return np.where(mask, sizes, 0) if per_galaxy else sizes
-
-    def _box_for_reach(self, reach):
-        """`box_size` of each reach (arcsec), vectorized: the smallest fast size at or above
-        each box side in pixels, looked up in a table of fast sizes (no loop per galaxy)."""
-        side = self.stamp_pixels * self.pixel_scale
-        box = np.maximum(side, np.asarray(reach, float) + side / 2)
-        pixels = np.ceil(box / self.pixel_scale - 1e-9).astype(int)
-        top = int(pixels.max(initial=self.stamp_pixels))
-        if self._fast_sizes[-1] < top:
-            sizes, n = [], 2
-            while not sizes or sizes[-1] < top:
-                sizes.append(good_fft_size(n))
-                n = sizes[-1] + 1
-            self._fast_sizes = np.asarray(sizes)
-        return self._fast_sizes[np.searchsorted(self._fast_sizes, pixels)]
 
 
 class DrawBlendsGenerator:

@@ -212,11 +212,28 @@ def test_galsim_backend_process_pool_matches_one_process(catsim_sample):
     np.testing.assert_array_equal(one["isolated_images"], two["isolated_images"])
 
 
-def test_vectorized_box_sizes_match_box_size(catsim_sample):
-    """The generator's table lookup of FFT boxes equals render.box_size, reach by reach."""
-    from btkjax.render import box_size
+def test_generator_boxes_hold_off_stamp_and_flat_galaxies(catsim_sample):
+    """The generator routes each blend to a box holding every galaxy's reach (core.boxes), also
+    for a galaxy 100" beside the stamp (its copy must land beyond the stamp, not on it: no
+    silent aliasing) and for a very flat, sheared one; a reach beyond MAX_FFT_SIZE is an error."""
+    from btkjax.core.boxes import MAX_FFT_SIZE, box_sizes, galaxy_reach
+    from btkjax.core.samplers import Blends
 
     state = _generator(catsim_sample, batch_size=2)._states["LSST"]
-    reach = np.concatenate([np.random.default_rng(0).uniform(0, 100, 2000), [0.0, 12.0, 30.0]])
-    expected = [box_size(r, state.stamp_pixels, state.pixel_scale) for r in reach]
-    np.testing.assert_array_equal(state._box_for_reach(reach), expected)
+    side = state.stamp_pixels * state.pixel_scale
+    blends = Blends(index=np.array([[0, 1], [2, 3]]), mask=np.ones((2, 2), bool),
+                    dx=np.array([[0.5, 100.0], [1.0, -2.0]]), dy=np.array([[0.0, 3.0], [0.0, 1.0]]),
+                    rotation=np.zeros((2, 2)), g1=np.array([[0.0, 0.0], [0.0, 0.3]]),
+                    g2=np.zeros((2, 2)))
+    sizes = state.box_sizes(blends)
+    reach = galaxy_reach(state.shapes, blends.index, blends.mask, blends.dx, blends.dy,
+                         blends.g1, blends.g2, state.psf_fwhm, side)
+    assert sizes[0] * state.pixel_scale >= 2 * 100.0 + side / 2  # the far copy is off the stamp
+    np.testing.assert_array_less(box_sizes(reach.max(axis=1), state.stamp_pixels,
+                                           state.pixel_scale) - 1, sizes)
+    per_galaxy = state.box_sizes(blends, per_galaxy=True)
+    assert per_galaxy[0, 0] < per_galaxy[0, 1]  # the central galaxy keeps its small box
+    far = blends._replace(dx=np.array([[0.5, 1e4], [1.0, -2.0]]))
+    with pytest.raises(ValueError, match="MAX_FFT_SIZE"):
+        state.box_sizes(far)
+    assert MAX_FFT_SIZE * state.pixel_scale < 2e4

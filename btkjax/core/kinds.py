@@ -34,7 +34,7 @@ class ProfileKind:
         kvalue: ``kvalue(ksq, hlr, n)``: the unit-flux transform at squared wavenumber ``ksq``
             (rad^2/arcsec^2) of a round profile of half-light radius ``hlr`` (arcsec) and Sersic
             index ``n`` (ignored by kinds of fixed shape).
-        extent: how its light's reach is computed: "sersic" (`btkjax.core.render.sersic_extent`
+        extent: how its light's reach is computed: "sersic" (`btkjax.core.boxes.sersic_extent`
             with ``sersic_index``, or the component's own ``n`` when that is None), "gaussian"
             (analytic) or "point" (no extent of its own: the PSF's).
         sersic_index: the fixed Sersic index of the kind, None for a free index.

@@ -32,29 +32,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from btkjax.core import profiles
+from btkjax.core.boxes import good_fft_size
 from btkjax.core.kinds import KINDS, get_kind
-from btkjax.core.tolerances import FOLDING_THRESHOLD, MAXK_THRESHOLD
 
 __all__ = [
     "COMPONENT_KINDS",
     "CATSIM_KINDS",
     "RenderSpec",
     "Sources",
-    "make_render_spec",
-    "source_reach",
-    "psf_extent",
-    "psf_wings",
-    "psf_fold_box",
-    "row_extents",
-    "box_size",
-    "sersic_extent",
-    "kgrid",
-    "psf_kimage_from_galsim",
     "default_psf_kimage",
     "render",
-    "render_blends",
     "good_fft_size",
     "shift_phases",
+    "grid_blocks",
+    "split_psf",
+    "assemble",
+    "to_stamp",
 ]
 
 COMPONENT_KINDS = tuple(KINDS)  # the registry of btkjax.core.kinds
@@ -92,20 +85,6 @@ class Sources(NamedTuple):
     mask: jax.Array
 
 
-def good_fft_size(n: int) -> int:
-    """The smallest even integer >= n whose prime factors are 2, 3 and 5 (fast for XLA's FFT)."""
-    m = max(int(n), 2)
-    while True:
-        if m % 2 == 0:
-            r = m
-            for p in (2, 3, 5):
-                while r % p == 0:
-                    r //= p
-            if r == 1:
-                return m
-        m += 1
-
-
 @dataclass(frozen=True)
 class RenderSpec:
     """Static (shape-defining) description of a render: hashable, so jit caches on it.
@@ -136,11 +115,9 @@ class RenderSpec:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
             raise ValueError(f"Unknown component kinds {unknown}; expected {tuple(KINDS)}.")
-        half = self.fft_size // 2
-        if not half <= max(self.n_alias_y, half) < self.fft_size:
-            raise ValueError(f"n_alias_y={self.n_alias_y} must be < fft_size={self.fft_size}.")
-        if self.n_alias_x >= self.fft_size:
-            raise ValueError(f"n_alias_x={self.n_alias_x} must be < fft_size={self.fft_size}.")
+        for name in ("n_alias_x", "n_alias_y"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
     @property
     def dk(self) -> float:
@@ -149,18 +126,21 @@ class RenderSpec:
 
     @property
     def x_indices(self) -> np.ndarray:
-        """kx indices evaluated: the aliased negative columns first, then 0..N/2."""
-        half = self.fft_size // 2
+        """kx indices evaluated: the aliased ones first (every |kx| <= Mx that folds onto a
+        stored rfft column 0..N/2, i.e. kx mod N <= N/2), then 0..N/2."""
+        n, half = self.fft_size, self.fft_size // 2
         base = np.arange(0, half + 1)
-        if self.n_alias_x > half:
-            return np.concatenate([np.arange(-self.n_alias_x, -half + 1), base])
-        return base
+        m = self.n_alias_x
+        if m <= half:
+            return base
+        k = np.arange(-m, m + 1)
+        extra = k[((k < 0) | (k > half)) & (np.mod(k, n) <= half)]
+        return np.concatenate([extra, base])
 
     @property
     def n_folded_x(self) -> int:
         """Number of aliased columns evaluated before the base ones."""
-        half = self.fft_size // 2
-        return self.n_alias_x - half + 1 if self.n_alias_x > half else 0
+        return len(self.x_indices) - (self.fft_size // 2 + 1)
 
     @property
     def y_extent(self) -> int:
@@ -173,7 +153,7 @@ class RenderSpec:
         return np.arange(-extent, extent + 1)
 
 
-def kgrid(spec: RenderSpec, dtype=None):
+def _kgrid(spec: RenderSpec, dtype=None):
     """The (kx, ky) wavenumbers in rad/arcsec on which the renderer evaluates profiles.
 
     Returns:
@@ -199,13 +179,16 @@ def to_stamp(kimage: jax.Array, spec: RenderSpec) -> jax.Array:
 
 
 def grid_blocks(spec: RenderSpec):
-    """The evaluation grid cut into four blocks that land directly on the rfft grid.
+    """The evaluation grid cut into blocks that land directly on the rfft grid.
 
     Block 0 holds, for every rfft row and column, the primary alias (ky index r for r <= N/2,
     r - N above; kx index 0 .. N/2), so it IS the rfft layout [N, N/2 + 1] and needs no copy.
-    The other blocks hold the remaining aliases (ky indices beyond, kx indices -Mx .. -N/2) and
-    are added onto contiguous row / column ranges of block 0 (sampling at pixel centres sums
-    the transform over k + 2 pi m / p), without materializing the extended grid.
+    The other blocks hold the remaining aliases, as many as the PSF x pixel transfer needs
+    (sampling at pixel centres sums the transform over k + 2 pi m / p): each is a contiguous
+    range of ky indices times a contiguous range of kx indices that folds onto contiguous rfft
+    rows and columns, added there without materializing the extended grid. Rows: the first
+    ring (ky in -N .. -N/2 and N/2 + 1 .. N - 1, folding onto rows N - E .. E) is one block,
+    every further period of N indices another; columns: kx in jN .. jN + N/2 for each j != 0.
 
     Returns:
         list of (y_pos, x_pos, row_slice, col_slice): positions of the block's rows and columns
@@ -214,19 +197,29 @@ def grid_blocks(spec: RenderSpec):
     n = spec.fft_size
     half = n // 2
     e = spec.y_extent
-    nf = spec.n_folded_x
+    xi = spec.x_indices
     prim_rows = np.r_[0 : half + 1, -half + 1 : 0]  # ky indices in rfft row order
-    extra_rows = np.r_[n - e - n : half + 1 - n, half + 1 : e + 1]  # target rows N - E .. E
-    base_cols = np.arange(half + 1)
-    rows = (slice(None), slice(n - e, e + 1))
-    y_prim, y_extra = prim_rows + e, extra_rows + e
-    x_base = base_cols + nf
-    blocks = [(y_prim, x_base, slice(None), slice(None)), (y_extra, x_base, rows[1], slice(None))]
-    if nf:
-        x_extra = np.arange(nf)  # kx indices -Mx .. -N/2, target columns N - Mx .. N/2
-        cols = slice(half + 1 - nf, half + 1)
-        blocks += [(y_prim, x_extra, slice(None), cols), (y_extra, x_extra, rows[1], cols)]
-    return blocks
+    row_groups = [(prim_rows, slice(None))]
+    first = min(e, n)
+    if e >= half:  # (ky = -N/2 joins +N/2 on the Nyquist row even without aliasing)
+        ky = np.r_[-first : -half + 1, half + 1 : min(e, n - 1) + 1]
+        row_groups.append((ky, slice(n - first, min(e, n - 1) + 1)))
+    j = 1
+    while j * n <= e:  # further periods of ky, above and below
+        pos = np.arange(j * n, min(e, (j + 1) * n - 1) + 1)
+        row_groups.append((pos, slice(0, len(pos))))
+        neg = np.arange(max(-e, -(j + 1) * n), -j * n)
+        if len(neg):
+            row_groups.append((neg, slice(n - len(neg), n)))
+        j += 1
+    col_groups = [(np.arange(spec.n_folded_x, len(xi)), slice(None))]
+    if spec.n_folded_x:
+        extra = xi[: spec.n_folded_x]
+        for period in np.unique(np.floor_divide(extra, n)):
+            pos = np.flatnonzero(np.floor_divide(extra, n) == period)
+            cols = extra[pos] - period * n
+            col_groups.append((pos, slice(int(cols[0]), int(cols[-1]) + 1)))
+    return [(ky + e, xp, rs, cs) for ky, rs in row_groups for xp, cs in col_groups]
 
 
 def split_psf(psf_k, spec: RenderSpec):
@@ -398,8 +391,8 @@ def render(
     Args:
         sources: `Sources` with a leading blend axis.
         psf_k: [band, Ry, Cx] the PSF x pixel transfer function on the evaluation grid
-            (`psf_kimage_from_galsim` or `default_psf_kimage`), or [blend, band, Ry, Cx] for a
-            PSF per blend.
+            (`btkjax.optics.psf_kimage_from_galsim` or `default_psf_kimage`), or
+            [blend, band, Ry, Cx] for a PSF per blend.
         spec: the static `RenderSpec`.
         isolated: also return each galaxy alone.
         chunk: blends processed at once (bounds memory; does not change the result).
@@ -420,48 +413,23 @@ def render(
                        batch_size=chunk)
 
 
-def render_blends(sources, psf_k, spec, isolated=False, chunk=16):
-    """Alias of `render` (BTK-style name)."""
-    return render(sources, psf_k, spec, isolated=isolated, chunk=chunk)
-
-
 # ------------------------------------------------------------------------------------------
 # PSF x pixel transfer functions on the evaluation grid
-
-
-def pixel_kimage(spec: RenderSpec, dtype=None):
-    """The square pixel's transfer function on the evaluation grid [Ry, Cx]."""
-    kx, ky = kgrid(spec, dtype)
-    return profiles.pixel_kvalue(kx[None, :], ky[:, None], spec.pixel_scale)
-
-
-def psf_kimage_from_galsim(psf, spec: RenderSpec, include_pixel: bool = True) -> np.ndarray:
-    """Evaluates a GalSim (or JAX-GalSim) PSF on the renderer's grid, on the host.
-
-    Returns:
-        complex128 numpy array [Ry, Cx] (PSF transform, times the pixel's if `include_pixel`).
-    """
-    xi, yi = spec.x_indices, spec.y_indices
-    m = int(max(np.abs(xi).max(), np.abs(yi).max()))
-    kimage = psf.drawKImage(nx=2 * m + 1, ny=2 * m + 1, scale=spec.dk)
-    arr = np.asarray(kimage.array)[np.ix_(yi + m, xi + m)]
-    if include_pixel:
-        kx, ky = xi * spec.dk, yi * spec.dk
-        p = spec.pixel_scale
-        arr = arr * np.sinc(ky * p / (2 * np.pi))[:, None] * np.sinc(kx * p / (2 * np.pi))[None, :]
-    return arr.astype(np.complex128)
 
 
 def default_psf_kimage(spec: RenderSpec, fwhm, lam_over_diam, obscuration, include_pixel=True):
     """BTK's default PSF (Kolmogorov x obscured Airy) x pixel on the grid, in JAX.
 
-    Differentiable in ``fwhm``, ``lam_over_diam`` and ``obscuration`` (scalars or [band]).
+    Differentiable in ``fwhm``, ``lam_over_diam`` and ``obscuration`` (scalars or [band]). This
+    is the analytic transfer function: the periodic box folds the PSF's power-law wings back
+    onto the stamp (~1e-3 of a star's flux in a 24" LSST box, a few 1e-9 of the peak per pixel),
+    which `btkjax.optics.psf_kimage_from_galsim` takes out and this does not.
 
     Returns:
         complex array [Ry, Cx], or [band, Ry, Cx] for [band] parameters.
     """
     fwhm = jnp.asarray(fwhm)
-    kx, ky = kgrid(spec, dtype=jnp.result_type(fwhm.dtype, float))
+    kx, ky = _kgrid(spec, dtype=jnp.result_type(fwhm.dtype, float))
     ksq = kx[None, :] ** 2 + ky[:, None] ** 2
     expand = (...,) + (None,) * 2
     lam = jnp.asarray(lam_over_diam)
@@ -473,223 +441,3 @@ def default_psf_kimage(spec: RenderSpec, fwhm, lam_over_diam, obscuration, inclu
     if include_pixel:
         out = out * profiles.pixel_kvalue(kx[None, :], ky[:, None], spec.pixel_scale)
     return out.astype(jnp.result_type(out.dtype, jnp.complex64))
-
-
-def _maxk_index(psf, pixel_scale: float, fft_size: int, threshold: float) -> int:
-    """The largest |k| index where |PSF x pixel| exceeds `threshold`, searched up to 2 pi / p."""
-    dk = 2 * math.pi / (fft_size * pixel_scale)
-    m = fft_size - 1
-    kimage = psf.drawKImage(nx=2 * m + 1, ny=2 * m + 1, scale=dk)
-    k = np.arange(-m, m + 1) * dk
-    sinc = np.sinc(k * pixel_scale / (2 * np.pi))
-    amp = np.abs(np.asarray(kimage.array)) * np.abs(sinc)[:, None] * np.abs(sinc)[None, :]
-    above = np.argwhere(amp > threshold * np.abs(kimage.array[m, m]))
-    if len(above) == 0:
-        return 0
-    return int(np.abs(above - m).max())
-
-
-def sersic_extent(hlr, n, core_radius: float, threshold: float = FOLDING_THRESHOLD):
-    """Radius (arcsec) beyond which a Sersic profile is below `threshold` of its core brightness.
-
-    The core brightness is the profile at ``core_radius`` (half the PSF FWHM: the PSF smooths the
-    cusp, so the convolved peak is about the profile there). Solves
-    ``exp(-b ((R / hlr)^(1/n) - (core / hlr)^(1/n))) = threshold``.
-
-    Args:
-        hlr: half-light radii (arcsec), any shape.
-        n: Sersic indices, broadcastable to `hlr`.
-        core_radius: arcsec.
-        threshold: the brightness ratio (FOLDING_THRESHOLD by default).
-
-    Returns:
-        numpy array of radii, the shape of `hlr`.
-    """
-    from scipy.special import gammaincinv
-
-    hlr = np.asarray(hlr, dtype=float)
-    n = np.broadcast_to(np.asarray(n, dtype=float), hlr.shape)
-    b = gammaincinv(2 * n, 0.5)
-    with np.errstate(divide="ignore"):
-        x = (core_radius / hlr) ** (1 / n) + math.log(1 / threshold) / b
-    return hlr * x**n
-
-
-def row_extents(kinds, hlr, q, n, has_flux, psf_fwhm: float, threshold=FOLDING_THRESHOLD):
-    """How far (arcsec) each catalog row's galaxy stays above `threshold` of its core brightness.
-
-    The largest `sersic_extent` of its components that have flux (major axis: hlr / sqrt(q)),
-    plus a PSF FWHM; 0 for a galaxy of point sources only (the PSF's wings are counted apart).
-
-    Args:
-        kinds: component kinds.
-        hlr, q, n: [row, comp] component half-light radii, axis ratios, Sersic indices.
-        has_flux: [row, comp] bool, components with flux.
-        psf_fwhm: the widest PSF FWHM (arcsec).
-    """
-    hlr = np.asarray(hlr, dtype=float) / np.sqrt(np.asarray(q, dtype=float))
-    n = np.asarray(n, dtype=float)
-    has_flux = np.asarray(has_flux, bool)
-    out = np.zeros(hlr.shape[0])
-    for c, name in enumerate(kinds):
-        kind = get_kind(name)
-        if kind.is_point:
-            continue
-        if kind.extent == "gaussian":
-            sigma = hlr[:, c] / math.sqrt(2 * math.log(2))
-            ext = sigma * math.sqrt(2 * math.log(1 / threshold))
-        else:
-            index = n[:, c] if kind.sersic_index is None else kind.sersic_index
-            ext = sersic_extent(hlr[:, c], index, psf_fwhm / 2, threshold)
-        out = np.maximum(out, np.where(has_flux[:, c], ext + psf_fwhm, 0.0))
-    return out
-
-
-def psf_wings(psfs, pixel_scale: float, threshold: float = FOLDING_THRESHOLD) -> float:
-    """Extent (arcsec) of the PSFs' wings: where each falls below `threshold` of its peak."""
-    return max(psf_extent(p, pixel_scale, threshold) for p in psfs)
-
-
-def psf_fold_box(psfs, stamp_pixels: int, pixel_scale: float, max_shift: float,
-                 threshold: float = FOLDING_THRESHOLD) -> int:
-    """The smallest fast FFT size at which a point source's folded PSF wings stay below
-    `threshold` of its peak anywhere in the stamp.
-
-    The folded light at a stamp pixel x is the sum over the periodic copies m != 0 of the PSF
-    at x - s + m L (L = N p the box, s the source's shift): computed from the PSF image, for a
-    source at the largest shift, summing the 24 nearest copies (power-law wings such as the
-    Airy's r^-3 fold in from all directions).
-    """
-    shift = int(math.ceil(max_shift / pixel_scale))
-    s = stamp_pixels
-    n = s
-    while True:
-        n = good_fft_size(n)
-        worst = 0.0
-        for psf in psfs:
-            half = 2 * n + s
-            image = psf.drawImage(nx=2 * half + 1, ny=2 * half + 1, scale=pixel_scale).array
-            peak = image.max()
-            folded = np.zeros((s, s))
-            # stamp pixel j sits at j - (S - 1) / 2 from the center; the source at +shift
-            lo = half - (s - 1) // 2 - shift
-            for my in range(-2, 3):
-                for mx in range(-2, 3):
-                    if mx == my == 0:
-                        continue
-                    y0, x0 = lo + my * n, lo + mx * n
-                    if y0 < 0 or x0 < 0 or y0 + s > image.shape[0] or x0 + s > image.shape[1]:
-                        continue
-                    folded += image[y0 : y0 + s, x0 : x0 + s]
-            worst = max(worst, float(np.abs(folded).max() / peak))
-        if worst <= threshold:
-            return n
-        n += 2
-
-
-def box_size(reach_arcsec: float, stamp_pixels: int, pixel_scale: float) -> int:
-    """The smallest fast even FFT size whose box keeps light from `reach_arcsec` off the stamp.
-
-    In a periodic box of side L = N p, the copy of light at distance R from the stamp center
-    lands at least L - R - S p / 2 from any stamp pixel... i.e. L >= R + S p / 2.
-    """
-    box = max(stamp_pixels * pixel_scale, reach_arcsec + stamp_pixels * pixel_scale / 2)
-    return good_fft_size(int(math.ceil(box / pixel_scale - 1e-9)))
-
-
-def make_render_spec(
-    stamp_pixels: int,
-    pixel_scale: float,
-    psfs,
-    kinds=CATSIM_KINDS,
-    fft_size: int | None = None,
-    reach_arcsec: float | None = None,
-    maxk_threshold: float = MAXK_THRESHOLD,
-) -> RenderSpec:
-    """Chooses the FFT size and aliasing range for a survey's PSFs and its galaxies' extent.
-
-    Args:
-        stamp_pixels: side of the stamp in pixels.
-        pixel_scale: arcsec per pixel.
-        psfs: the PSF objects (GalSim or JAX-GalSim) of every band, to find how far in k the
-            PSF x pixel transfer function stays above `maxk_threshold`.
-        kinds: component kinds of the sources.
-        fft_size: force the FFT box size (even, >= stamp_pixels).
-        reach_arcsec: how far from the stamp center galaxy light stays above FOLDING_THRESHOLD
-            of its peak (`source_reach` computes it from a catalog). In a periodic box of side
-            L the copy of a galaxy lands at least L - S p / 2 - |shift| from any stamp pixel, so
-            L >= reach + S p / 2 keeps folded light below the threshold. Default: the stamp's
-            side (a box 1.5 times the stamp).
-    """
-    if fft_size is None:
-        reach = stamp_pixels * pixel_scale if reach_arcsec is None else float(reach_arcsec)
-        fft_size = box_size(reach, stamp_pixels, pixel_scale)
-    half = fft_size // 2
-    m = max(_maxk_index(p, pixel_scale, fft_size, maxk_threshold) for p in psfs)
-    return RenderSpec(
-        stamp_pixels=int(stamp_pixels),
-        fft_size=int(fft_size),
-        pixel_scale=float(pixel_scale),
-        kinds=tuple(kinds),
-        n_alias_x=int(m) if m > half else 0,
-        n_alias_y=int(max(m, half)),
-    )
-
-
-def psf_extent(psf, pixel_scale: float, threshold: float = FOLDING_THRESHOLD) -> float:
-    """Radius (arcsec) beyond which a PSF's image stays below `threshold` of its peak.
-
-    The PSF is drawn (pixel included) on a grid of 2 x 48 FWHM-equivalents (its half-light
-    radius times 100), and the largest radius of a pixel above ``threshold * peak`` is returned.
-    """
-    hlr = float(psf.calculateHLR(scale=pixel_scale / 4, size=256))
-    half = int(math.ceil(50 * hlr / pixel_scale))
-    image = psf.drawImage(nx=2 * half + 1, ny=2 * half + 1, scale=pixel_scale).array
-    y, x = np.indices(image.shape) - half
-    above = np.abs(image) > threshold * image.max()
-    return float(np.hypot(x[above], y[above]).max() * pixel_scale) + pixel_scale
-
-
-def source_reach(
-    kinds,
-    hlr,
-    n,
-    max_shift: float,
-    psf_fwhm: float,
-    q=None,
-    max_shear: float = 0.0,
-    psfs=(),
-    pixel_scale: float | None = None,
-    has_flux=None,
-    threshold: float = FOLDING_THRESHOLD,
-) -> float:
-    """How far (arcsec) from the stamp center light of these galaxies stays above `threshold`.
-
-    The largest `row_extents` (stretched by a lensing shear of up to `max_shear`) or the PSFs'
-    wings (`psf_wings`; 20 FWHMs when no PSF object is given), plus the largest shift.
-
-    Args:
-        kinds: the component kinds.
-        hlr: [row, comp] half-light radii of every catalog row that may be drawn.
-        n: [row, comp] Sersic indices (used for "sersic" components).
-        max_shift: largest |dx|, |dy| (arcsec).
-        psf_fwhm: the widest PSF FWHM (arcsec).
-        q: [row, comp] axis ratios (default 1).
-        max_shear: largest lensing |g|, stretching by (1 + |g|) / sqrt(1 - |g|^2).
-        psfs: PSF objects (GalSim) whose wings to measure, with `pixel_scale`.
-        pixel_scale: arcsec per pixel, for `psf_wings`.
-        has_flux: [row, comp] components that have flux (default all).
-    """
-    hlr = np.asarray(hlr, dtype=float)
-    q = np.ones_like(hlr) if q is None else q
-    has_flux = np.ones(hlr.shape, bool) if has_flux is None else has_flux
-    stretch = (1 + max_shear) / math.sqrt(1 - max_shear**2)
-    extent = row_extents(kinds, hlr * stretch, q, n, has_flux, psf_fwhm, threshold).max()
-    # Power-law wings (Kolmogorov r^-11/3, Airy r^-3) fold in from all eight neighbouring
-    # copies of the box: their extent is taken at a tenth of the threshold (`psf_fold_box`
-    # computes the folded sum itself, for a tighter box).
-    wings = psf_wings(psfs, pixel_scale, threshold / 10) if len(psfs) else 20.0 * psf_fwhm
-    return max(extent, wings) + max_shift
-
-
-_ = FOLDING_THRESHOLD  # documented in make_render_spec; the margin rule is tested for it
