@@ -125,6 +125,7 @@ def rows_from_tables(
     columns = list(dict.fromkeys(columns))
     catalog_columns = {c: np.asarray(catalog_table[c]) for c in columns}
     index_list, edited_parts, sources = [], {c: [] for c in columns}, []
+    checked = []  # (where, drawing columns) of the tables with edited rows
     n_edited = 0
     for b, table in enumerate(tables):
         where = f"table for {_blend_name(blend_ids, b)}"
@@ -186,13 +187,7 @@ def rows_from_tables(
                 values[col] = catalog_columns[col][source]
         index = source.copy() if source is not None else np.zeros(k, np.int64)
         if not unchanged.all():
-            if row_problems is not None:
-                problems = row_problems(Table(values, copy=False))
-                if problems:
-                    raise ValueError(
-                        f"The sampling function's {where} has rows that cannot be drawn: "
-                        + "; ".join(problems) + "."
-                    )
+            checked.append((where, values))
             edited = np.flatnonzero(~unchanged)
             index[edited] = first_free + n_edited + np.arange(len(edited))
             n_edited += len(edited)
@@ -204,6 +199,15 @@ def rows_from_tables(
     edited_table = None
     if n_edited:
         edited_table = Table({c: np.concatenate(v) for c, v in edited_parts.items()}, copy=False)
+        # validated at once; on a problem, table by table to name the blend and its rows
+        if row_problems is not None and row_problems(edited_table):
+            for where, values in checked:
+                problems = row_problems(Table(values, copy=False))
+                if problems:
+                    raise ValueError(
+                        f"The sampling function's {where} has rows that cannot be drawn: "
+                        + "; ".join(problems) + "."
+                    )
     source = np.concatenate(sources).astype(np.int64) if sources else np.zeros(0, np.int64)
     return TableRows(blends=blends, edited=edited_table, source=source)
 

@@ -314,3 +314,18 @@ def test_rows_drawn_from_the_catalog_need_btk_index(catsim_sample):
     with pytest.raises(ValueError, match=r"blend 7 has no 'btk_index': this catalog's galaxies"):
         rows_from_tables([t], catsim_sample.table, 2, ["i_ab"], blend_ids=[7],
                          require_index=True)
+
+
+def test_rows_without_btk_index_draw_the_same_images_as_catalog_rows(catsim_sample):
+    """The same values through the edited-row path (no btk_index: drawn from the columns,
+    written past the catalog's rows) and through the catalog's arrays: bit-identical images."""
+    images = []
+    for keep_index in (True, False):
+        gen = CatsimGenerator(catsim_sample, _Edit(edit=False, keep_index=keep_index),
+                              get_surveys("LSST"), batch_size=4, stamp_size=24.0,
+                              add_noise="all", seed=3)
+        images.append([next(gen)["blend_images"] for _ in range(2)])
+        n_catalog = len(catsim_sample.table)
+        assert (gen._source_rows[n_catalog:] >= 0).all() == keep_index  # nothing edited
+    for a, b in zip(*images, strict=True):
+        np.testing.assert_array_equal(a, b)
