@@ -388,6 +388,9 @@ class CosmosGenerator(DrawBlendsGenerator):
     def _set_rows(self, rows, start: int):
         super()._set_rows(rows, start)
         if self._tables is not None:
+            n_extra = len(self._source_rows) - self._tables.maxk.shape[0]
+            if n_extra > 0:  # room for edited rows, made at the first edit (~0.5 MB per row)
+                self._tables = RealTables(*[extend_rows(a, n_extra) for a in self._tables])
             stop, src = start + rows.n_edited, jnp.asarray(rows.source)
             self._tables = RealTables(
                 values=self._tables.values.at[start:stop].set(self._tables.values[src]),
@@ -430,8 +433,7 @@ class CosmosGenerator(DrawBlendsGenerator):
                 fwhm = max(float(state.survey.get_filter(b).psf_fwhm.to_value("arcsec"))
                            for b in state.bands)
                 state.row_extent = extend_rows(half_diag + fwhm, n_extra)
-        if n_extra:
-            self._tables = RealTables(*[extend_rows(a, n_extra) for a in self._tables])
+
 
     def _draw_survey(self, state, blends, blend_ids):
         if self.gal_type != "real" or self.backend != "jax":
