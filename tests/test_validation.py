@@ -185,3 +185,17 @@ def test_measure_functions_never_see_non_finite_images():
     with pytest.raises(ValueError, match=r"blend_images\[2\] of survey 'HSC' has 1 non-finite"):
         check_blend_images({"blend_images": {"LSST": np.zeros((3, 6, 20, 20)), "HSC": images}}, 2)
     check_blend_images({"blend_images": images}, 0)  # finite: fine
+
+
+def test_fluxes_refuse_magnitude_sentinels_in_any_catalog():
+    """The generators' flux boundary (every catalog, COSMOS {survey}_{band} columns included)."""
+    from btkjax.galaxies import band_fluxes
+
+    hsc = get_surveys("HSC")
+    table = Table({f"HSC_{b}": np.full(4, 22.0) for b in hsc.available_filters})
+    good = band_fluxes(table, hsc, "{survey}_{band}")
+    assert np.all(good > 0)
+    table["HSC_r"][3] = 99.0
+    with pytest.raises(CatalogError, match=r"HSC r-band fluxes: magnitudes in 'HSC_r' outside "
+                                           r"\(-5, 90\) .*rows \[3\]: 99"):
+        band_fluxes(table, hsc, "{survey}_{band}")
