@@ -434,7 +434,6 @@ class CosmosGenerator(DrawBlendsGenerator):
                            for b in state.bands)
                 state.row_extent = extend_rows(half_diag + fwhm, n_extra)
 
-
     def _draw_survey(self, state, blends, blend_ids):
         if self.gal_type != "real" or self.backend != "jax":
             return super()._draw_survey(state, blends, blend_ids)

@@ -364,13 +364,12 @@ class DrawBlendsGenerator(EditedRows):
         if not isinstance(surveys, (list, tuple)) or not surveys:
             raise TypeError(f"surveys must be a Survey or a non-empty list of them, got {surveys!r}.")
         for s in surveys:
-            if isinstance(s, Survey):
-                check_survey(s)
             if not isinstance(s, Survey):
                 raise TypeError(
                     f"surveys must hold btkjax.survey.Survey objects (from get_surveys), got "
                     f"{type(s).__name__}."
                 )
+            check_survey(s)  # pixel scale, PSF fluxes
         names = [s.name for s in surveys]
         if len(set(names)) != len(names):
             raise ValueError(f"Each survey may appear once; got {names}.")
