@@ -14,7 +14,7 @@ from btkjax import tolerances as tol
 from btkjax.blend_tables import rows_from_tables
 from btkjax.catalog import CATSIM_SHAPE_COLUMNS
 from btkjax.draw_blends import CatsimGenerator
-from btkjax.galsim_backend import tight_gsparams
+from btkjax.galsim_backend import tight_gsparams, with_gsparams
 from btkjax.sampling_functions import SamplingFunction
 from btkjax.survey import get_surveys
 
@@ -156,7 +156,7 @@ def _galsim_isolated(tables, psfs, stamp, scale, bands):
     for i, table in enumerate(tables):
         for g, row in enumerate(table):
             for j, band in enumerate(bands):
-                psf = psfs[BANDS.index(band)].withGSParams(gsp)
+                psf = with_gsparams(psfs[BANDS.index(band)], gsp)
                 conv = galsim.Convolve(_btk_galaxy(row, band, gsp), psf, gsparams=gsp)
                 conv = conv.shift(float(row["ra"]), float(row["dec"]))
                 out[i, g, j] = conv.drawImage(nx=stamp, ny=stamp, scale=scale).array
@@ -260,7 +260,7 @@ def _galsim_cosmos(catalog, table, survey, psfs, gal_type, mag_of, stamp):
                               gsparams=gsp)
         for j, band in enumerate(survey.available_filters):
             flux = galcheat.utilities.mag2counts(float(row[mag_of(band)]), survey.name, band).value
-            conv = galsim.Convolve(gal.withFlux(flux), psfs[j].withGSParams(gsp), gsparams=gsp)
+            conv = galsim.Convolve(gal.withFlux(flux), with_gsparams(psfs[j], gsp), gsparams=gsp)
             conv = conv.shift(float(row["ra"]), float(row["dec"]))
             out[g, j] = conv.drawImage(nx=stamp, ny=stamp, scale=scale).array
     return out
