@@ -23,9 +23,12 @@ __all__ = [
     "CosmosCatalog",
     "CatalogError",
     "CATSIM_BANDS",
+    "CATSIM_SHAPE_COLUMNS",
     "COSMOS_PIXEL_SCALE",
     "EXCLUSION_LEVELS",
+    "MAGNITUDE_RANGE",
     "available_catalogs",
+    "magnitude_problems",
 ]
 
 CATSIM_BANDS = ("u", "g", "r", "i", "z", "y")
@@ -49,10 +52,67 @@ CATSIM_REQUIRED_COLUMNS = (
 
 CATSIM_SIZE_COLUMNS = ("a_b", "a_d", "b_b", "b_d")
 CATSIM_FLUXNORM_COLUMNS = ("fluxnorm_bulge", "fluxnorm_disk", "fluxnorm_agn")
+CATSIM_SHAPE_COLUMNS = CATSIM_FLUXNORM_COLUMNS + CATSIM_SIZE_COLUMNS + ("pa_bulge", "pa_disk")
+"""The columns a CatSim galaxy is drawn from, besides its band magnitudes."""
+
+MAGNITUDE_RANGE = (-5.0, 90.0)
+"""AB magnitudes a galaxy to draw may have, exclusive. The brightest galaxies on the sky are
+~0 mag (the LMC ~0.9); -5 leaves room for stars and edits (-1.5 mag) while galcheat's counts
+stay 100x below int64's limit (at -10 they reach 7e18 electrons; a -99 "missing" sentinel gave
+-9e18). Faint values are harmless and real (CatSim u-band dropouts reach 41 in the default
+catalog), but 90 and above are not magnitudes: catalog sentinels (99, 999) for missing values,
+which would silently draw the galaxy as invisible in that band."""
 
 
 class CatalogError(ValueError):
     """A catalog that cannot be drawn: missing columns or invalid values."""
+
+
+def _read_table(path: str, fmt: str, what: str) -> Table:
+    """``Table.read`` with an error naming the file and the expected format instead of
+    astropy's (e.g. "No SIMPLE card found")."""
+    try:
+        return Table.read(path, format=fmt)
+    except Exception as err:  # astropy raises OSError, ValueError, TypeError, ... by format
+        kind = "FITS" if fmt == "fits" else "whitespace-separated ASCII (ascii.basic)"
+        raise CatalogError(
+            f"Cannot read the {what} file {path!r} as a {kind} table ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); expected a FITS file (.fits, .fit, "
+            ".fz) or a whitespace-separated ASCII table with a header line."
+        ) from None
+
+
+def _numeric_problems(table, columns) -> list[str]:
+    """Columns of ``table`` (among ``columns``) that are not real numbers (strings, objects)."""
+    problems = []
+    for col in columns:
+        if col in table.colnames:
+            kind = np.asarray(table[col]).dtype.kind
+            if kind not in "biuf":
+                problems.append(
+                    f"column '{col}' holds {np.asarray(table[col]).dtype} values, expected numbers"
+                )
+    return problems
+
+
+def magnitude_problems(table, columns) -> list[str]:
+    """Magnitude columns of ``table`` with values that are not finite numbers within
+    ``MAGNITUDE_RANGE`` (e.g. -99 "missing" sentinels), each naming the column, rows and values."""
+    problems = _numeric_problems(table, columns)
+    bad_type = {p.split("'")[1] for p in problems}
+    lo, hi = MAGNITUDE_RANGE
+    for col in columns:
+        if col not in table.colnames or col in bad_type:
+            continue
+        mag = np.asarray(table[col], dtype=float)
+        bad = np.flatnonzero(~((mag > lo) & (mag < hi)))
+        if len(bad):
+            values = ", ".join(f"{v:g}" for v in mag[bad[:5]])
+            problems.append(
+                f"magnitudes in '{col}' outside ({lo:g}, {hi:g}) (missing-value sentinels or "
+                f"non-finite) at {_describe_rows(bad)}: {values}"
+            )
+    return problems
 
 
 def _describe_rows(rows: np.ndarray, limit: int = 10) -> str:
@@ -89,6 +149,12 @@ class Catalog:
     def _prepare_table(self, raw_catalog: Table) -> Table:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement "
                                   f"_prepare_table(raw_catalog).")
+
+    @classmethod
+    def row_problems(cls, table) -> list[str]:
+        """What makes rows of ``table`` undrawable (empty if none); subclasses check their
+        columns (magnitudes here)."""
+        return magnitude_problems(table, [c for c in table.colnames if c.endswith("_ab")])
 
     @property
     def name(self) -> str:
@@ -129,7 +195,7 @@ class CatsimCatalog(Catalog):
             raise FileNotFoundError(f"CatSim catalog file {path!r} does not exist.")
         _, ext = os.path.splitext(path)
         fmt = "fits" if ext.lower() in (".fits", ".fit", ".fz") else "ascii.basic"
-        return cls(Table.read(path, format=fmt))
+        return cls(_read_table(path, fmt, "CatSim catalog"))
 
     @classmethod
     def default(cls) -> CatsimCatalog:
@@ -150,23 +216,7 @@ class CatsimCatalog(Catalog):
             )
         if len(raw_catalog) == 0:
             raise CatalogError("CatSim catalog is empty: it has no rows to sample from.")
-        mag_columns = [c for c in raw_catalog.colnames if c.endswith("_ab")]
-        problems = []
-        for col in mag_columns:
-            bad = np.flatnonzero(~np.isfinite(np.asarray(raw_catalog[col], dtype=float)))
-            if len(bad):
-                problems.append(f"non-finite magnitudes in '{col}' at {_describe_rows(bad)}")
-        for col in CATSIM_SIZE_COLUMNS + CATSIM_FLUXNORM_COLUMNS + ("pa_bulge", "pa_disk"):
-            values = np.asarray(raw_catalog[col], dtype=float)
-            bad = np.flatnonzero(~np.isfinite(values))
-            if len(bad):
-                problems.append(f"non-finite values in '{col}' at {_describe_rows(bad)}")
-            if col in CATSIM_SIZE_COLUMNS + CATSIM_FLUXNORM_COLUMNS:
-                neg = np.flatnonzero(values < 0)
-                if len(neg):
-                    problems.append(f"negative values in '{col}' at {_describe_rows(neg)}")
-        if not problems:
-            problems += self._check_components(raw_catalog)
+        problems = self.row_problems(raw_catalog)
         if problems:
             raise CatalogError("Invalid CatSim catalog: " + "; ".join(problems) + ".")
 
@@ -180,7 +230,36 @@ class CatsimCatalog(Catalog):
             np.asarray(table["a_b"]) * np.sqrt(f) * 1.46,
         )
         table["ref_mag"] = table["i_ab"]
+        # Each row's position: kept by table[rows] in sampling functions, so that the generator
+        # knows which catalog row a returned row came from (and whether it was edited).
+        table["btk_index"] = np.arange(len(table), dtype=np.int64)
         return table
+
+    @classmethod
+    def row_problems(cls, table) -> list[str]:
+        """What makes rows of a CatSim-like table undrawable (empty if none): non-numeric
+        columns, magnitudes outside ``MAGNITUDE_RANGE``, non-finite or negative shapes and
+        fluxnorms, components with flux but no size. Used on catalogs and on the rows that
+        sampling functions return."""
+        mag_columns = [c for c in table.colnames if c.endswith("_ab")]
+        problems = _numeric_problems(table, CATSIM_SHAPE_COLUMNS)
+        if problems:
+            return problems + magnitude_problems(table, mag_columns)
+        problems = magnitude_problems(table, mag_columns)
+        for col in CATSIM_SHAPE_COLUMNS:
+            if col not in table.colnames:
+                continue
+            values = np.asarray(table[col], dtype=float)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if len(bad):
+                problems.append(f"non-finite values in '{col}' at {_describe_rows(bad)}")
+            if col in CATSIM_SIZE_COLUMNS + CATSIM_FLUXNORM_COLUMNS:
+                neg = np.flatnonzero(values < 0)
+                if len(neg):
+                    problems.append(f"negative values in '{col}' at {_describe_rows(neg)}")
+        if not problems and all(c in table.colnames for c in CATSIM_SHAPE_COLUMNS):
+            problems += cls._check_components(table)
+        return problems
 
     @staticmethod
     def _check_components(raw: Table) -> list[str]:

@@ -70,6 +70,43 @@ class ConfigError(ValueError):
     """A bad config file or flag: the message names the key and what is allowed."""
 
 
+def _check_out(out: str, option: str, create: bool = True) -> str:
+    """The output folder: created if missing (with `create`); ConfigError naming `option` if it
+    is a file or cannot be created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"{option} {out!r} is a file; expected a folder (existing or new).")
+    if not create:
+        return out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{option} {out!r} cannot be created as a folder: "
+                          f"{err.strerror or err}.") from None
+    return out
+
+
+def _load_catalog(path: str, option: str):
+    """The CatSim catalog of `option` ('default' or a file); ConfigError naming the file if it
+    cannot be read or drawn."""
+    from btkjax.catalog import CatalogError, CatsimCatalog
+
+    if path == "default":
+        return CatsimCatalog.default()
+    try:
+        return CatsimCatalog.from_file(path)
+    except (CatalogError, OSError) as err:
+        raise ConfigError(f"{option} {path!r}: {err}") from None
+
+
+def _build(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a ValueError/TypeError from it (a bad argument) becomes a
+    ConfigError naming `what`."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
 def _rgb(images, bands=(3, 2, 1), q=8.0, stretch=None):
     """An asinh-stretched RGB of [band, y, x] images (Lupton et al. 2004 style)."""
     import numpy as np
@@ -97,14 +134,19 @@ def _demo(args) -> int:
     from btkjax.sampling_functions import DefaultSampling
     from btkjax.survey import get_surveys
 
-    os.makedirs(args.out, exist_ok=True)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    _check_out(args.out, "--out", create=False)
     t0 = time.perf_counter()
     catalog = CatsimCatalog.default()
-    sampler = DefaultSampling(max_number=args.max_number, stamp_size=args.stamp_size,
-                              max_shift=args.max_shift, seed=args.seed)
-    survey = get_surveys(args.survey)
-    generator = CatsimGenerator(catalog, sampler, survey, batch_size=args.batch_size,
-                                stamp_size=args.stamp_size, add_noise=args.noise, seed=args.seed)
+    sampler = _build("--max-number/--max-shift/--stamp-size/--seed", DefaultSampling,
+                     max_number=args.max_number, stamp_size=args.stamp_size,
+                     max_shift=args.max_shift, seed=args.seed)
+    survey = _build("--survey", get_surveys, args.survey)
+    generator = _build("btkjax demo", CatsimGenerator, catalog, sampler, survey,
+                       batch_size=args.batch_size, stamp_size=args.stamp_size,
+                       add_noise=args.noise, seed=args.seed)
+    _check_out(args.out, "--out")
     t1 = time.perf_counter()
     batch = next(generator)
     t2 = time.perf_counter()
@@ -200,8 +242,8 @@ def validate_config(config: dict, source: str = "config") -> dict:
     for key in ("n_blends", "batch_size", "cpus"):
         if not _is_int(c[key]) or c[key] < 1:
             bad(key, "a positive integer")
-    if not _is_int(c["seed"]) or c["seed"] < 0:
-        bad("seed", "a non-negative integer")
+    if not _is_int(c["seed"]) or not 0 <= c["seed"] < 2**63:
+        bad("seed", "an integer in [0, 2**63)")
     if isinstance(c["stamp_size"], bool) or not isinstance(c["stamp_size"], (int, float)) \
             or not c["stamp_size"] > 0:
         bad("stamp_size", "a positive number (arcsec)")
@@ -301,18 +343,19 @@ def _generate(args) -> int:
 
     import btkjax
     from btkjax import utils
-    from btkjax.catalog import CatsimCatalog
     from btkjax.draw_blends import CatsimGenerator
     from btkjax.survey import get_surveys
 
     c = config
-    os.makedirs(c["out"], exist_ok=True)
-    catalog = (CatsimCatalog.default() if c["catalog"] == "default"
-               else CatsimCatalog.from_file(c["catalog"]))
+    _check_out(c["out"], f"{source}: 'out'", create=False)
     cls = _sampler_class(c["sampler"])
-    sampler = cls(stamp_size=c["stamp_size"], seed=c["seed"], **c["sampler_kwargs"])
+    sampler = _build(f"{source}: 'sampler_kwargs' {c['sampler_kwargs']} of sampler "
+                     f"{c['sampler']!r} ({cls.__name__})", cls, stamp_size=c["stamp_size"],
+                     seed=c["seed"], **c["sampler_kwargs"])
+    catalog = _load_catalog(c["catalog"], f"{source}: 'catalog'")
+    _check_out(c["out"], f"{source}: 'out'")
     surveys = get_surveys(c["surveys"])
-    draw = CatsimGenerator(
+    draw = _build(f"{source}", CatsimGenerator,
         catalog, sampler, surveys, batch_size=c["batch_size"], stamp_size=c["stamp_size"],
         cpus=c["cpus"], add_noise=c["noise"], seed=c["seed"], save_path=c["out"],
         backend=c["backend"], dtype=c["dtype"], use_bar=False,
@@ -456,6 +499,14 @@ def _stream(args) -> int:
     t0 = time.perf_counter()
     if args.n_blends is None or args.n_blends < 1:
         raise ConfigError(f"--n-blends must be a positive integer, got {args.n_blends!r}.")
+    for option, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size),
+                          ("--max-number", args.max_number)):
+        if value < 1:
+            raise ConfigError(f"{option} must be a positive integer, got {value}.")
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be an integer in [0, 2**63), got {args.seed}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out!r} is a file; expected a folder (existing or new).")
     if args.catalog != "default" and not os.path.isfile(args.catalog):
         raise ConfigError(f"--catalog must be 'default' or an existing file, got "
                           f"{args.catalog!r} (no such file).")
@@ -490,18 +541,17 @@ def _stream(args) -> int:
 
     import btkjax
     from btkjax import streaming
-    from btkjax.catalog import CatsimCatalog, CosmosCatalog
+    from btkjax.catalog import CatalogError, CosmosCatalog
 
-    try:
-        if args.cosmos is not None:
+    if args.cosmos is not None:
+        try:
             catalog = CosmosCatalog.from_file(
                 args.cosmos[0] if len(args.cosmos) == 1 else args.cosmos,
                 exclusion_level=args.cosmos_exclusion)
-        else:
-            catalog = (CatsimCatalog.default() if args.catalog == "default"
-                       else CatsimCatalog.from_file(args.catalog))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read the catalog: {err}") from None
+        except (OSError, ValueError, CatalogError) as err:
+            raise ConfigError(f"--cosmos {args.cosmos}: cannot read the catalog: {err}") from None
+    else:
+        catalog = _load_catalog(args.catalog, "--catalog")
     try:
         manifest = streaming.generate(
             args.n_blends, args.out, catalog=catalog, surveys=args.surveys,
@@ -513,9 +563,9 @@ def _stream(args) -> int:
             process_count=args.process_count, progress=not args.no_progress,
             gal_type=args.gal_type,
         )
-    except (streaming.ManifestError, FileExistsError) as err:
+    except (streaming.ManifestError, FileExistsError, NotADirectoryError) as err:
         raise ConfigError(str(err)) from None
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         raise ConfigError(str(err)) from None
     t1 = time.perf_counter()
     shards = manifest["shards"]
@@ -545,18 +595,15 @@ def main(argv=None) -> int:
     _add_generate_parser(sub)
     _add_stream_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "stream":
-        try:
-            return _stream(args)
-        except ConfigError as err:
-            print(f"btkjax stream: error: {err}", file=sys.stderr)
-            return 2
+    run = {"demo": _demo, "stream": _stream, "generate": _generate}[args.command]
+    from btkjax.catalog import CatalogError
+    from btkjax.survey import SurveyError
+
     try:
-        return _generate(args)
-    except ConfigError as err:
-        print(f"btkjax generate: error: {err}", file=sys.stderr)
+        return run(args)
+    except (ConfigError, CatalogError, SurveyError) as err:
+        message = " ".join(str(err).split())  # one line
+        print(f"btkjax {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

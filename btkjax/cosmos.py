@@ -73,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
 
+from btkjax.blend_tables import extend_rows
 from btkjax.catalog import (
     COSMOS_PIXEL_SCALE,
     EXCLUSION_LEVELS,
@@ -318,6 +319,10 @@ class CosmosGenerator(DrawBlendsGenerator):
 
     compatible_catalogs = ("CosmosCatalog",)
     component_kinds = COSMOS_KINDS
+    # As BTK: each galaxy is its catalog row's (makeGalaxy(btk_index)), with the flux of the
+    # table's magnitude: edited magnitudes are drawn, btk_index is required.
+    drawn_shape_columns = ()
+    rows_need_index = True
 
     def __init__(self, catalog, sampling_function, surveys, batch_size: int = 8,
                  stamp_size: float = 24.0, cpus: int = 1, verbose: bool = False,
@@ -374,6 +379,23 @@ class CosmosGenerator(DrawBlendsGenerator):
                             "only the catalogs)."
                         )
 
+    def _rows_arrays(self, rows) -> CatalogArrays:
+        return CatalogArrays(*[np.asarray(a)[rows.source] for a in self.arrays])
+
+    def _rows_extent(self, state, rows):
+        return None if state.row_extent is None else state.row_extent[rows.source]
+
+    def _set_rows(self, rows, start: int):
+        super()._set_rows(rows, start)
+        if self._tables is not None:
+            n_extra = len(self._source_rows) - self._tables.maxk.shape[0]
+            if n_extra > 0:  # room for edited rows, made at the first edit (~0.5 MB per row)
+                self._tables = RealTables(*[extend_rows(a, n_extra) for a in self._tables])
+            stop, src = start + rows.n_edited, jnp.asarray(rows.source)
+            self._tables = RealTables(
+                values=self._tables.values.at[start:stop].set(self._tables.values[src]),
+                maxk=self._tables.maxk.at[start:stop].set(self._tables.maxk[src]))
+
     def _catalog_arrays(self) -> CatalogArrays:
         if self.gal_type == "parametric":
             return cosmos_parametric_arrays(self.catalog.table)
@@ -405,11 +427,12 @@ class CosmosGenerator(DrawBlendsGenerator):
             0.5 * math.hypot(*gcat.getRealParams(i)[0].array.shape) * COSMOS_PIXEL_SCALE
             for i in range(gcat.getNObjects())
         ])
+        n_extra = len(self._source_rows) - len(half_diag)  # room for edited rows
         for state in self._states.values():
             if hasattr(state, "row_extent"):
                 fwhm = max(float(state.survey.get_filter(b).psf_fwhm.to_value("arcsec"))
                            for b in state.bands)
-                state.row_extent = half_diag + fwhm
+                state.row_extent = extend_rows(half_diag + fwhm, n_extra)
 
     def _draw_survey(self, state, blends, blend_ids):
         if self.gal_type != "real" or self.backend != "jax":
@@ -475,7 +498,7 @@ class CosmosGenerator(DrawBlendsGenerator):
         blends = jax.tree.map(np.asarray, blends)
         gcat = self.catalog.get_galsim_catalog()
         args = (state.fluxes_host, psfs, _base_spec(state), self.gal_type, self.isolated,
-                self.galsim_gsparams)
+                self.galsim_gsparams, np.float64, self._source_rows)
         if self.cpus == 1 or self.batch_size == 1:
             return render_cosmos_galsim(gcat, blends, *args)
         if self._pool is None:

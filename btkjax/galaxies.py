@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from btkjax.catalog import CatalogError, magnitude_problems
 from btkjax.core.render import CATSIM_KINDS
 from btkjax.core.sources import CatalogArrays, make_sources
 from btkjax.survey import get_flux
@@ -54,7 +55,9 @@ def catsim_arrays(table) -> CatalogArrays:
 def band_fluxes(table, survey, mag_column: str = "{band}_ab") -> np.ndarray:
     """Total flux in electrons of every row in every band of a survey, [row, band].
 
-    Exactly galcheat's ``mag2counts`` (an integer number of electrons).
+    Exactly galcheat's ``mag2counts`` (an integer number of electrons). Magnitudes outside
+    `btkjax.catalog.MAGNITUDE_RANGE` (missing-value sentinels, NaN) raise a CatalogError naming
+    the column, rows and values: they would give garbage or vanishing fluxes.
     """
     out = np.empty((len(table), len(survey.available_filters)))
     for b, band in enumerate(survey.available_filters):
@@ -63,6 +66,11 @@ def band_fluxes(table, survey, mag_column: str = "{band}_ab") -> np.ndarray:
             raise KeyError(
                 f"The catalog has no magnitude column {column!r} for band {band} of "
                 f"{survey.name}; its columns are {table.colnames}."
+            )
+        problems = magnitude_problems(table, [column])
+        if problems:
+            raise CatalogError(
+                f"Cannot compute {survey.name} {band}-band fluxes: " + "; ".join(problems) + "."
             )
         out[:, b] = get_flux(np.asarray(table[column], dtype=float), survey, survey.get_filter(band))
     return out

@@ -163,7 +163,8 @@ def render_galsim(
 
 
 def render_cosmos_galsim(galsim_catalog, blends, fluxes, psfs, spec: RenderSpec, gal_type: str,
-                         isolated: bool = False, gsparams=None, dtype=np.float64):
+                         isolated: bool = False, gsparams=None, dtype=np.float64,
+                         source_rows=None):
     """Draws COSMOS blends with GalSim as BTK does.
 
     ``makeGalaxy(index, gal_type, noise_pad_size=0).withFlux(flux)`` -> ``.rotate`` ->
@@ -177,6 +178,8 @@ def render_cosmos_galsim(galsim_catalog, blends, fluxes, psfs, spec: RenderSpec,
         spec: the render spec (stamp size, pixel scale).
         gal_type: "real" or "parametric".
         gsparams: GalSim accuracy parameters (default GalSim's).
+        source_rows: the galaxy (GalSim catalog row) of each row of `fluxes` (default: the same
+            row; rows past the catalog's are edited copies of a catalog row).
     """
     index = np.asarray(blends.index)
     mask = np.asarray(blends.mask)
@@ -192,11 +195,12 @@ def render_cosmos_galsim(galsim_catalog, blends, fluxes, psfs, spec: RenderSpec,
             if not mask[b, g]:
                 continue
             row = int(index[b, g])
-            if row not in cache:
-                cache[row] = galsim_catalog.makeGalaxy(row, gal_type=gal_type, noise_pad_size=0,
-                                                       gsparams=gsparams)
+            source = row if source_rows is None else int(source_rows[row])
+            if source not in cache:
+                cache[source] = galsim_catalog.makeGalaxy(source, gal_type=gal_type,
+                                                          noise_pad_size=0, gsparams=gsparams)
             for j in range(n_band):
-                gal = cache[row].withFlux(float(fluxes[row, j]))
+                gal = cache[source].withFlux(float(fluxes[row, j]))
                 gal = gal.rotate(float(blends.rotation[b, g]) * galsim.degrees)
                 g1, g2 = float(blends.g1[b, g]), float(blends.g2[b, g])
                 if g1 != 0 or g2 != 0:

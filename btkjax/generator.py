@@ -34,8 +34,16 @@ import numpy as np
 from astropy.table import Table, vstack
 from tqdm.auto import tqdm
 
+from btkjax.blend_tables import EditedRows, extend_rows
 from btkjax.catalog import Catalog
-from btkjax.core.boxes import MAX_FFT_SIZE, box_ladder, box_sizes, galaxy_reach, row_shapes
+from btkjax.core.boxes import (
+    MAX_FFT_SIZE,
+    RowShapes,
+    box_ladder,
+    box_sizes,
+    galaxy_reach,
+    row_shapes,
+)
 from btkjax.core.keys import DEFAULT_SEED
 from btkjax.core.kinds import get_kind
 from btkjax.core.render import CATSIM_KINDS, RenderSpec, render
@@ -44,8 +52,8 @@ from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sour
 from btkjax.galsim_backend import render_galsim
 from btkjax.noise import add_noise, check_noise_mode
 from btkjax.optics import make_render_spec, psf_fold_box, psf_kimage_from_galsim
-from btkjax.sampling_functions import SamplingFunction, blends_from_tables
-from btkjax.survey import Survey, evaluate_psf, get_mean_sky_level, make_wcs
+from btkjax.sampling_functions import SamplingFunction, check_seed
+from btkjax.survey import Survey, check_survey, evaluate_psf, get_mean_sky_level, make_wcs
 
 __all__ = ["DrawBlendsGenerator", "CatsimGenerator", "BACKENDS"]
 
@@ -86,6 +94,7 @@ class _SurveyState:
                 f"({self.pixel_scale} arcsec)."
             )
         self.wcs = make_wcs(self.pixel_scale, (self.stamp_pixels, self.stamp_pixels))
+        self.mag_column = mag_column
         self.fluxes_host = band_fluxes(catalog_table, survey, mag_column)
         self.fluxes = jnp.asarray(self.fluxes_host, dtype)
         self.sky = np.array([get_mean_sky_level(survey, survey.get_filter(b)) for b in self.bands])
@@ -109,6 +118,27 @@ class _SurveyState:
         self.ladder = [int(s) for s in box_ladder(self.base_box, 2 * self.stamp_pixels)]
         self._specs = {}
         self._psf_k = {}
+
+    def reserve_rows(self, n_rows: int):
+        """Room for `n_rows` rows past the catalog's: the rows sampling functions edit."""
+        self.fluxes_host = extend_rows(self.fluxes_host, n_rows)
+        self.fluxes = jnp.asarray(self.fluxes_host, self.dtype)
+        self.shapes = RowShapes(*[extend_rows(a, n_rows) for a in self.shapes])
+        if self.row_extent is not None:
+            self.row_extent = extend_rows(self.row_extent, n_rows)
+
+    def set_rows(self, start: int, table, extent=None, arrays: CatalogArrays | None = None):
+        """Fluxes (from `table`'s magnitudes), box shapes (from `arrays`) and fixed extents (if
+        the survey has them) of edited rows, from row `start` on."""
+        stop = start + len(table)
+        fluxes = band_fluxes(table, self.survey, self.mag_column)
+        self.fluxes_host[start:stop] = fluxes
+        self.fluxes = self.fluxes.at[start:stop].set(jnp.asarray(fluxes, self.dtype))
+        new = row_shapes(self.kinds, arrays.hlr, arrays.q, arrays.n, arrays.frac > 0)
+        for host, value in zip(self.shapes, new, strict=True):
+            host[start:stop] = value
+        if self.row_extent is not None and extent is not None:
+            self.row_extent[start:stop] = extent
 
     def batch_psfs(self):
         return [evaluate_psf(self.survey, self.survey.get_filter(b)) for b in self.bands]
@@ -175,7 +205,7 @@ class _SurveyState:
         return np.where(mask, sizes, 0) if per_galaxy else sizes
 
 
-class DrawBlendsGenerator:
+class DrawBlendsGenerator(EditedRows):
     """Generates batches of blends: sampling, rendering, noise; BTK's interface.
 
     Args:
@@ -251,8 +281,10 @@ class DrawBlendsGenerator:
             raise ValueError(f"cpus must be a positive integer, got {cpus!r}.")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed must be an int, got {seed!r}.")
+        check_seed(seed)
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"chunk must be a positive integer (blends per compiled call), got "
+                             f"{chunk!r}.")
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}.")
         if dtype == "float64" and not jax.config.jax_enable_x64:
@@ -314,6 +346,12 @@ class DrawBlendsGenerator:
             )
             for s in self.surveys
         }
+        # Sampling functions run on the host may edit rows: room for a batch of them.
+        self._n_catalog = len(catalog.table)
+        if self._jax_sampler is None:
+            self._reserve_rows(self.batch_size * self.max_number)
+        # the catalog row each row of the arrays was made from (edited rows: their btk_index)
+        self._source_rows = np.arange(len(self.arrays.frac))
         self._noise_key = jax.random.fold_in(jax.random.key(self.seed), _NOISE_STREAM)
         self._rotation_key = jax.random.fold_in(jax.random.key(self.seed), _ROTATION_STREAM)
 
@@ -331,6 +369,7 @@ class DrawBlendsGenerator:
                     f"surveys must hold btkjax.survey.Survey objects (from get_surveys), got "
                     f"{type(s).__name__}."
                 )
+            check_survey(s)  # pixel scale, PSF fluxes
         names = [s.name for s in surveys]
         if len(set(names)) != len(names):
             raise ValueError(f"Each survey may appear once; got {names}.")
@@ -375,29 +414,14 @@ class DrawBlendsGenerator:
         tables = []
         for i in range(len(blend_ids)):
             table = self.sampling_function(self.catalog.table)
-            if len(table) > self.max_number:
-                raise ValueError(
-                    f"The sampling function returned {len(table)} galaxies for blend "
-                    f"{int(blend_ids[i])}, more than its max_number={self.max_number}."
-                )
-            missing = [c for c in ("ra", "dec") if c not in table.colnames]
-            if missing:
-                raise ValueError(
-                    f"The sampling function's table for blend {int(blend_ids[i])} lacks "
-                    f"column(s) {missing}; it must set ra, dec (arcsec from the stamp center)."
-                )
-            if "btk_index" not in table.colnames:
-                raise ValueError(
-                    "The sampling function's table lacks 'btk_index' (the catalog row of each "
-                    "galaxy); sampling functions must keep it from Catalog.table."
-                )
-            if self.apply_shear and not {"g1", "g2"} <= set(table.colnames):
+            if (self.apply_shear and isinstance(table, Table)
+                    and not {"g1", "g2"} <= set(table.colnames)):
                 raise ValueError(
                     "apply_shear=True needs 'g1' and 'g2' columns in the sampling function's "
                     f"tables; blend {int(blend_ids[i])} has {table.colnames}."
                 )
             tables.append(table)
-        blends = blends_from_tables(tables, self.max_number, catalog_size=len(self.catalog.table))
+        blends = self._host_blends(tables, blend_ids)
         if not self.apply_shear:
             blends = blends._replace(g1=np.zeros_like(blends.g1), g2=np.zeros_like(blends.g2))
         if self.augment_data:

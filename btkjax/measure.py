@@ -41,6 +41,7 @@ __all__ = [
     "arcsec_to_pixel",
     "available_measure_functions",
     "MEASURE_KEYS",
+    "check_blend_images",
 ]
 
 MEASURE_KEYS = ("catalog", "segmentation", "deblended_images")
@@ -238,6 +239,24 @@ def _function_name(f) -> str:
     return getattr(f, "__name__", type(f).__name__)
 
 
+def check_blend_images(batch: dict, idx: int):
+    """ValueError naming the blend, survey and pixel count unless blend `idx`'s images are all
+    finite: a measure function (or deblender) given NaN or infinite pixels returns numbers that
+    mean nothing (a deblend of an all-NaN image returned finite parameters)."""
+    images = batch["blend_images"]
+    items = images.items() if isinstance(images, dict) else [(None, images)]
+    for survey, arr in items:
+        blend = np.asarray(arr[idx])
+        finite = np.isfinite(blend)
+        if not finite.all():
+            where = "" if survey is None else f" of survey {survey!r}"
+            raise ValueError(
+                f"blend_images[{idx}]{where} has {int((~finite).sum())} non-finite pixel(s) "
+                f"(of {blend.size}; e.g. {blend[~finite][:3].tolist()}); measure functions need "
+                "finite images."
+            )
+
+
 def _run_blends(functions, kwargs_list, batch, indices):
     """Runs every (function, kwargs) on the blends `indices` of `batch`: module level, so that a
     spawned process pool can run it. Returns [blend][kwargs][function] raw outputs."""
@@ -360,6 +379,8 @@ class MeasureGenerator:
 
     def _raw_outputs(self, batch):
         n = self.batch_size
+        for i in range(n):  # the boundary: no measure function sees a non-finite image
+            check_blend_images(batch, i)
         if self.cpus == 1 or n == 1:
             return _run_blends(self.measure_functions, self.measure_kwargs, batch, range(n))
         if self._pool is None:

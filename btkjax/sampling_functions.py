@@ -33,14 +33,13 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 from astropy.table import Table
 
+from btkjax.blend_tables import blends_from_tables
 from btkjax.core.keys import DEFAULT_SEED
 from btkjax.core.samplers import (
-    Blends,
     DensityOverflowWarning,
     JaxDefaultSampler,
     JaxDensitySampler,
@@ -62,6 +61,8 @@ __all__ = [
     "magnitude_cut_rows",
     "eligible_rows",
     "blends_from_tables",
+    "check_seed",
+    "SEED_LIMIT",
 ]
 
 _ARCSEC_PER_DEG = 3600.0
@@ -123,8 +124,27 @@ def _check_int(name: str, value) -> int:
     return int(value)
 
 
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}.")
+    return float(value)
+
+
+SEED_LIMIT = 2**63
+"""Seeds are integers in [0, SEED_LIMIT): what both NumPy's and JAX's generators accept."""
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """``value`` as an int seed; TypeError/ValueError naming it unless an integer in
+    [0, 2**63)."""
+    value = _check_int(name, value)
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value}.")
+    return value
+
+
 def _check_max_shift(max_shift: float, stamp_size: float) -> float:
-    max_shift = float(max_shift)
+    max_shift = _check_real("max_shift", max_shift)
     if not np.isfinite(max_shift) or max_shift < 0:
         raise ValueError(f"max_shift must be a finite number >= 0 arcsec, got {max_shift}.")
     if max_shift > stamp_size / 2.0:
@@ -178,20 +198,55 @@ def _unwrapped_ra(ra_deg: np.ndarray) -> np.ndarray:
 class SamplingFunction:
     """Base class: a callable taking a catalog table and returning one blend's table.
 
+    Both ways BTK users write ``super().__init__`` work:
+
+    - BTK 1.0 (keywords, or positionally in BTK's order ``max_number, min_number, seed``):
+      ``super().__init__(max_number=3, min_number=1, stamp_size=24.0, max_shift=2.0, seed=0)``;
+    - the seed-era tutorial: ``super().__init__(max_number)``, then ``self.stamp_size = ...``.
+
+    (btkjax's earlier order, ``stamp_size`` first, is still accepted when the first positional
+    argument is not an integer or ``max_number`` is given by keyword.)
+
     Args:
-        stamp_size: size of the stamp in arcsec.
         max_number: maximum number of galaxies in a blend (>= 1); the generator pads every blend
             to this many slots.
         min_number: minimum number of galaxies in a blend (0 <= min_number <= max_number).
-        seed: integer seed of the sampler's ``np.random.Generator`` (``self.rng``).
+        stamp_size: size of the stamp in arcsec (None: set by the subclass, or unchecked).
+        max_shift: largest shift of a galaxy center from the stamp center, arcsec (None: the
+            subclass sets it, or the generator assumes stamp_size / 2).
+        seed: integer seed in [0, 2**63) of the sampler's ``np.random.Generator`` (``self.rng``).
 
-    Subclasses implement ``__call__(table) -> Table``.
+    Subclasses implement ``__call__(table) -> Table``: rows of the catalog table (edited or not:
+    every row is drawn as it is returned) with ``ra``, ``dec`` offsets in arcsec from the stamp
+    center. A ``btk_index`` column (the catalog row, kept by ``table[rows]``) lets the generator
+    skip recomputing rows that were not edited; it is optional.
     """
 
-    def __init__(self, stamp_size: float, max_number: int, min_number: int = 1, seed=DEFAULT_SEED):
-        max_number = _check_int("max_number", max_number)
-        min_number = _check_int("min_number", min_number)
-        seed = _check_int("seed", seed)
+    def __init__(self, *args, max_number=None, min_number=None, stamp_size=None, max_shift=None,
+                 seed=None):
+        legacy = bool(args) and (
+            max_number is not None
+            or (isinstance(args[0], numbers.Real) and not isinstance(args[0], numbers.Integral))
+        )
+        names = (("stamp_size", "max_number", "min_number", "seed") if legacy
+                 else ("max_number", "min_number", "seed"))
+        if len(args) > len(names):
+            raise TypeError(
+                f"SamplingFunction.__init__ takes at most {len(names)} positional arguments "
+                f"({', '.join(names)}), got {len(args)}: {args!r}."
+            )
+        given = {"max_number": max_number, "min_number": min_number, "stamp_size": stamp_size,
+                 "seed": seed}
+        for name, value in zip(names, args, strict=False):
+            if given[name] is not None:
+                raise TypeError(f"SamplingFunction.__init__ got two values for {name}.")
+            given[name] = value
+        if given["max_number"] is None:
+            raise TypeError("SamplingFunction.__init__ needs max_number (galaxies per blend).")
+        max_number = _check_int("max_number", given["max_number"])
+        min_number = _check_int("min_number", 1 if given["min_number"] is None
+                                else given["min_number"])
+        seed = check_seed(DEFAULT_SEED if given["seed"] is None else given["seed"])
         if max_number < 1:
             raise ValueError(f"max_number must be >= 1 (galaxies per blend), got {max_number}.")
         if min_number < 0:
@@ -201,10 +256,17 @@ class SamplingFunction:
                 f"Need min_number <= max_number, got min_number = {min_number} > "
                 f"max_number = {max_number}."
             )
-        stamp_size = float(stamp_size)
-        if not (np.isfinite(stamp_size) and stamp_size > 0):
-            raise ValueError(f"stamp_size must be a positive number of arcsec, got {stamp_size}.")
+        stamp_size = given["stamp_size"]
+        if stamp_size is not None:
+            stamp_size = _check_real("stamp_size", stamp_size)
+            if not (np.isfinite(stamp_size) and stamp_size > 0):
+                raise ValueError(
+                    f"stamp_size must be a positive number of arcsec, got {stamp_size}.")
         self.stamp_size = stamp_size
+        if max_shift is not None:
+            max_shift = _check_max_shift(_check_real("max_shift", max_shift),
+                                         np.inf if stamp_size is None else stamp_size)
+        self.max_shift = max_shift
         self.max_number = max_number
         self.min_number = min_number
         self.seed = seed
@@ -266,7 +328,7 @@ class DefaultSampling(SamplingFunction):
         seed: int = DEFAULT_SEED,
         mag_name: str = "ref_mag",
     ):
-        super().__init__(stamp_size, max_number, min_number, seed)
+        super().__init__(max_number=max_number, min_number=min_number, stamp_size=stamp_size, seed=seed)
         self.max_shift = _check_max_shift(
             self.stamp_size / 10.0 if max_shift is None else max_shift, self.stamp_size
         )
@@ -380,7 +442,7 @@ class BasicSampling(SamplingFunction):
         faint_mag: float = 28.0,
         faint_probability: float = 0.1,
     ):
-        super().__init__(stamp_size, max_number, min_number, seed)
+        super().__init__(max_number=max_number, min_number=min_number, stamp_size=stamp_size, seed=seed)
         if self.min_number < 1:
             raise ValueError(
                 f"BasicSampling always adds 1 bright galaxy, so min_number must be >= 1, got "
@@ -456,7 +518,7 @@ class PairSampling(SamplingFunction):
         bright_cut: float = 25.3,
         dim_cut: float = 28.0,
     ):
-        super().__init__(stamp_size, 2, 2, seed)
+        super().__init__(max_number=2, min_number=2, stamp_size=stamp_size, seed=seed)
         self.max_shift = _check_max_shift(
             self.stamp_size / 10.0 if max_shift is None else max_shift, self.stamp_size
         )
@@ -527,7 +589,7 @@ class DensitySampling(SamplingFunction):
         mag_name: str = "ref_mag",
         on_overflow: str = "warn",
     ):
-        super().__init__(stamp_size, max_number, min_number, seed)
+        super().__init__(max_number=max_number, min_number=min_number, stamp_size=stamp_size, seed=seed)
         if not (np.isfinite(density) and density >= 0):
             raise ValueError(f"density must be >= 0 galaxies / arcmin^2, got {density}.")
         if on_overflow not in ("warn", "clip", "raise"):
@@ -622,7 +684,7 @@ class RandomSquareSampling(SamplingFunction):
         min_mag: float = -np.inf,
         mag_name: str = "ref_mag",
     ):
-        super().__init__(stamp_size, max_number, 0, seed)
+        super().__init__(max_number=max_number, min_number=0, stamp_size=stamp_size, seed=seed)
         _check_mag_bounds(min_mag, max_mag)
         self.min_mag, self.max_mag = float(min_mag), float(max_mag)
         self.mag_name = mag_name
@@ -683,7 +745,7 @@ class FriendsOfFriendsSampling(SamplingFunction):
         max_mag: float = 25.3,
         mag_name: str = "ref_mag",
     ):
-        super().__init__(stamp_size, max_number, min_number, seed)
+        super().__init__(max_number=max_number, min_number=min_number, stamp_size=stamp_size, seed=seed)
         if not link_distance > 0:
             raise ValueError(f"link_distance must be > 0 arcsec, got {link_distance}.")
         _check_mag_bounds(min_mag, max_mag)
@@ -741,63 +803,3 @@ class FriendsOfFriendsSampling(SamplingFunction):
                 "stamp_size or decrease max_number or link_distance."
             )
         return _blend_table(table, rows, dx, dy)
-
-
-# ------------------------------------------------------------------------------------------------
-# table -> arrays
-# ------------------------------------------------------------------------------------------------
-
-
-def blends_from_tables(
-    tables: Sequence[Table], max_number: int, catalog_size: int | None = None
-) -> Blends:
-    """Converts blend tables from a table sampler into padded numpy ``Blends`` (on the host).
-
-    Reads ``btk_index`` (catalog row), ``ra`` -> ``dx``, ``dec`` -> ``dy`` (arcsec), and optional
-    ``btk_rotation``, ``g1``, ``g2`` (0 when absent). Index is int32, mask bool, the rest float64.
-
-    Raises ValueError, naming the blend, if a table has more rows than ``max_number``, lacks
-    ``ra``/``dec``/``btk_index``, or (when ``catalog_size`` is given) has a ``btk_index`` outside
-    [0, catalog_size).
-    """
-    max_number = int(max_number)
-    if max_number < 1:
-        raise ValueError(f"max_number must be >= 1, got {max_number}.")
-    tables = list(tables)
-    n = len(tables)
-    index = np.zeros((n, max_number), dtype=np.int32)
-    mask = np.zeros((n, max_number), dtype=bool)
-    out = {name: np.zeros((n, max_number)) for name in ("dx", "dy", "rotation", "g1", "g2")}
-    for b, table in enumerate(tables):
-        missing = [c for c in ("ra", "dec") if c not in table.colnames]
-        if missing:
-            raise ValueError(
-                f"Blend table {b} lacks column(s) {missing}: a sampling function must return "
-                "'ra' and 'dec' offsets from the stamp center in arcsec."
-            )
-        if "btk_index" not in table.colnames:
-            raise ValueError(
-                f"Blend table {b} lacks the 'btk_index' column (each row's position in the "
-                "catalog table): keep it from the catalog table, or add it, e.g. "
-                "table[rows] followed by out['btk_index'] = rows."
-            )
-        k = len(table)
-        if k > max_number:
-            raise ValueError(
-                f"Blend table {b} has {k} rows, more than max_number = {max_number}: the "
-                "sampling function returned too many galaxies."
-            )
-        rows = np.asarray(table["btk_index"], dtype=np.int64)
-        if catalog_size is not None and k and (rows.min() < 0 or rows.max() >= catalog_size):
-            raise ValueError(
-                f"Blend table {b} has btk_index values {rows.tolist()} outside the catalog's "
-                f"rows [0, {catalog_size})."
-            )
-        index[b, :k] = rows
-        mask[b, :k] = True
-        out["dx"][b, :k] = np.asarray(table["ra"], dtype=float)
-        out["dy"][b, :k] = np.asarray(table["dec"], dtype=float)
-        for col, name in (("btk_rotation", "rotation"), ("g1", "g1"), ("g2", "g2")):
-            if col in table.colnames:
-                out[name][b, :k] = np.asarray(table[col], dtype=float)
-    return Blends(index=index, mask=mask, **out)

@@ -42,6 +42,7 @@ __all__ = [
     "get_flux",
     "get_mean_sky_level",
     "SurveyError",
+    "check_survey",
 ]
 
 
@@ -206,6 +207,49 @@ def _check_psf(psf, survey, filtr):
             f"The PSF of {survey.name} filter {filtr.name} is a {type(psf).__name__}; expected a "
             "GalSim or JAX-GalSim object, or a callable returning one."
         )
+    if _is_profile(psf):
+        _check_psf_flux(psf, survey, filtr)
+
+
+def _check_psf_flux(psf, survey, filtr):
+    """A PSF's flux multiplies every galaxy's: it must be a finite positive number (a zero flux
+    makes every galaxy vanish, a negative one has no folding box)."""
+    flux = getattr(psf, "flux", None)
+    try:
+        flux = float(flux)
+    except (TypeError, ValueError):
+        return  # a profile without a scalar flux (not GalSim's API): nothing to check here
+    if not (np.isfinite(flux) and flux > 0):
+        raise SurveyError(
+            f"The PSF of {survey.name} filter {filtr.name} has flux {flux}; expected a finite "
+            "positive flux (PSFs are normalized to 1: use psf.withFlux(1.0))."
+        )
+
+
+def check_survey(survey: Survey) -> Survey:
+    """Checks the parameters a generator divides by or draws with, naming the bad value:
+    a finite positive pixel scale, and every filter with a PSF (of positive finite flux)."""
+    pixel = survey.pixel_scale
+    try:
+        value = float(pixel.to_value("arcsec")) if isinstance(pixel, u.Quantity) else float(pixel)
+    except (TypeError, ValueError, u.UnitConversionError):
+        raise SurveyError(
+            f"Survey {survey.name}: pixel_scale = {pixel!r}; expected an angle (astropy "
+            "Quantity in arcsec)."
+        ) from None
+    if not (np.isfinite(value) and value > 0):
+        raise SurveyError(
+            f"Survey {survey.name}: pixel_scale = {pixel!r}; expected a finite positive angle "
+            "(arcsec per pixel)."
+        )
+    for band in survey.available_filters:
+        filtr = survey.get_filter(band)
+        if getattr(filtr, "psf", None) is None:
+            raise SurveyError(
+                f"Filter {band} of {survey.name} has no PSF; build surveys with get_surveys()."
+            )
+        _check_psf(filtr.psf, survey, filtr)
+    return survey
 
 
 def evaluate_psf(survey: Survey, filtr: Filter):
@@ -222,6 +266,7 @@ def evaluate_psf(survey: Survey, filtr: Filter):
                 f"The PSF callable of {survey.name} filter {filtr.name} returned a "
                 f"{type(psf).__name__}; expected a GalSim or JAX-GalSim object."
             )
+    _check_psf_flux(psf, survey, filtr)
     return psf
 
 

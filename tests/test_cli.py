@@ -93,3 +93,46 @@ def test_demo_still_works(tmp_path):
     assert "4 LSST blends" in out.stdout
     png = tmp_path / "demo_output" / "blends.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, files, message", [
+    (["generate", "--config", "config.json", "--out", "results"],
+     {"config.json": json.dumps({"sampler_kwargs": {"max_number": -1}})},
+     r"^btkjax generate: error: config\.json: 'sampler_kwargs' \{'max_number': -1\} of sampler "
+     r"'default' \(DefaultSampling\): max_number must be >= 1 .*got -1\.$"),
+    (["generate", "--config", "config.json", "--out", "results"],
+     {"config.json": json.dumps({"sampler_kwargs": {"max_shift": 50.0}})},
+     r"^btkjax generate: error: config\.json: 'sampler_kwargs' .*max_shift = 50\.0 arcsec"),
+    (["generate", "--catalog", "catalog.fits", "--out", "results", "--n-blends", "2"],
+     {"catalog.fits": "ra dec\n1 2\n"},
+     r"^btkjax generate: error: command line: 'catalog' 'catalog\.fits': Cannot read the CatSim "
+     r"catalog file 'catalog\.fits' as a FITS table"),
+    (["generate", "--out", "results", "--n-blends", "2"], {"results": "a file"},
+     r"^btkjax generate: error: command line: 'out' 'results' is a file; expected a folder"),
+    (["generate", "--batch-size", "0", "--out", "results"], {},
+     r"^btkjax generate: error: command line: 'batch_size' must be a positive integer, got 0\.$"),
+    (["stream", "--n-blends", "4", "--batch-size", "0", "--out", "results"], {},
+     r"^btkjax stream: error: --batch-size must be a positive integer, got 0\.$"),
+    (["stream", "--n-blends", "4", "--out", "results"], {"results": "a file"},
+     r"^btkjax stream: error: --out 'results' is a file; expected a folder"),
+    (["stream", "--n-blends", "4", "--catalog", "catalog.fits", "--out", "results"],
+     {"catalog.fits": "not fits"}, r"^btkjax stream: error: --catalog 'catalog\.fits': Cannot read"),
+    (["demo", "--batch-size", "0", "--out", "results"], {},
+     r"^btkjax demo: error: --batch-size must be a positive integer, got 0\.$"),
+    (["demo", "--out", "results"], {"results": "a file"},
+     r"^btkjax demo: error: --out 'results' is a file; expected a folder"),
+    (["demo", "--max-number", "0", "--out", "results"], {},
+     r"^btkjax demo: error: --max-number.*max_number must be >= 1"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, files, message):
+    import re
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    out = _run(args, tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert re.search(message, lines[0]), lines[0]
+    if "results" not in files:
+        assert not (tmp_path / "results").exists()  # nothing was written
