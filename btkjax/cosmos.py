@@ -65,7 +65,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from functools import partial
 
 import galsim
 import jax
@@ -81,6 +80,7 @@ from btkjax.catalog import (
     CatalogError,
     CosmosCatalog,
 )
+from btkjax.core.keys import stream_key
 from btkjax.core.realgal import (
     RealSources,
     RealTables,
@@ -92,6 +92,7 @@ from btkjax.core.realgal import (
     render_real,
 )
 from btkjax.core.render import RenderSpec
+from btkjax.engine import map_chunks
 from btkjax.galaxies import CatalogArrays
 from btkjax.galsim_backend import render_cosmos_galsim
 from btkjax.generator import DrawBlendsGenerator
@@ -257,35 +258,6 @@ def _base_spec(state) -> RenderSpec:
     return spec(state.ladder[0]) if callable(spec) else spec
 
 
-def _by_blend(mesh):
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    return NamedSharding(mesh, P("blend"))
-
-
-_SHARDED_REAL = {}
-
-
-def _sharded_real_pipeline(mesh, tspec, spec, mode, isolated, chunk):
-    """`real_pipeline` with its blend axis split over `mesh` ("blend"): each device runs the
-    single-device program on its own `chunk` blends (shard_map), so that the images do not
-    depend on the number of devices."""
-    key = (mesh, tspec, spec, mode, isolated, chunk)
-    if key not in _SHARDED_REAL:
-        from jax.sharding import PartitionSpec as P
-
-        def body(blends, blend_ids, tables, fluxes, psf_k, sky, noise_key):
-            return real_pipeline(blends, blend_ids, tables, fluxes, psf_k, sky, noise_key, tspec,
-                                 spec, mode, isolated, chunk)
-
-        blend = P("blend")
-        _SHARDED_REAL[key] = jax.jit(jax.shard_map(
-            body, mesh=mesh, in_specs=(blend, blend, P(), P(), P(), P(), P()), out_specs=blend,
-            check_vma=False))
-    return _SHARDED_REAL[key]
-
-
 class _BandColumns(str):
     """A magnitude-column 'format string' that maps each band to its own column."""
 
@@ -438,7 +410,7 @@ class CosmosGenerator(DrawBlendsGenerator):
         if self.gal_type != "real" or self.backend != "jax":
             return super()._draw_survey(state, blends, blend_ids)
         psfs = state.new_batch()
-        noise_key = jax.random.fold_in(self._noise_key, state.stream)
+        noise_key = stream_key(self._noise_key, state.stream)
         sky = jnp.asarray(state.sky, self.dtype)
         blends = jax.tree.map(np.asarray, blends)
         blend_ids = np.asarray(blend_ids)
@@ -449,34 +421,30 @@ class CosmosGenerator(DrawBlendsGenerator):
         iso = np.empty((n, self.max_number, n_band, s, s), np_dtype) if self.isolated else None
         chunk = self.chunk
         mesh = self._mesh
-        per_call = chunk if mesh is None else chunk * mesh.size
-        if mesh is not None:
+        tables, fluxes = self._tables, state.fluxes
+        if mesh is not None:  # placed on the mesh once (replicated), sharded calls below
             fluxes, psf_ks, sky, noise_key, tables = self._replicated(
                 mesh, state, sky, noise_key, [int(x) for x in np.unique(sizes)])
         with self._bar(state.name) as bar:
             for size in np.unique(sizes):
                 rows = np.flatnonzero(sizes == size)
                 spec = state.spec(int(size))
-                if mesh is None:
-                    fn = partial(real_pipeline, tspec=self._tspec, spec=spec,
-                                 mode=self.add_noise, isolated=self.isolated, chunk=chunk)
-                    args = (self._tables, state.fluxes, state.psf_k(int(size)), sky, noise_key)
-                else:
-                    fn = _sharded_real_pipeline(mesh, self._tspec, spec, self.add_noise,
-                                                self.isolated, chunk)
-                    args = (tables, fluxes, psf_ks[int(size)], sky, noise_key)
-                for start in range(0, len(rows), per_call):
-                    stop = min(start + per_call, len(rows))
-                    take = rows[np.arange(start, start + per_call).clip(max=stop - 1)]
-                    part = jax.tree.map(lambda a, t=take: a[t], blends)
-                    ids = blend_ids[take]
-                    if mesh is not None:  # pieces of `chunk` blends, one per device
-                        part, ids = jax.device_put((part, ids), _by_blend(mesh))
-                    img, iso_part = fn(part, ids, *args)
-                    images[rows[start:stop]] = np.asarray(img)[: stop - start]
+                psf_k = state.psf_k(int(size)) if mesh is None else psf_ks[int(size)]
+
+                def write(task, out, rows=rows):
+                    img, iso_part = out
+                    images[rows[task.start:task.stop]] = img
                     if self.isolated:
-                        iso[rows[start:stop]] = np.asarray(iso_part)[: stop - start]
-                    bar.update(stop - start)
+                        iso[rows[task.start:task.stop]] = iso_part
+
+                # `chunk` blends per call (per device with a mesh: the single-device program
+                # on each, so the images do not depend on the number of devices)
+                map_chunks(real_pipeline, len(rows), chunk,
+                           (jax.tree.map(lambda a, r=rows: a[r], blends), blend_ids[rows]),
+                           (tables, fluxes, psf_k, sky, noise_key),
+                           (("tspec", self._tspec), ("spec", spec), ("mode", self.add_noise),
+                            ("isolated", self.isolated), ("chunk", chunk)),
+                           mesh=mesh, consume=write, on_progress=bar.update)
         return images, iso, psfs
 
     def _replicated(self, mesh, state, sky, noise_key, sizes):
@@ -501,15 +469,11 @@ class CosmosGenerator(DrawBlendsGenerator):
                 self.galsim_gsparams, np.float64, self._source_rows)
         if self.cpus == 1 or self.batch_size == 1:
             return render_cosmos_galsim(gcat, blends, *args)
-        if self._pool is None:
-            from concurrent.futures import ProcessPoolExecutor
-            from multiprocessing import get_context
-
-            self._pool = ProcessPoolExecutor(self.cpus, mp_context=get_context("spawn"))
+        pool = self._process_pool()
         parts = np.array_split(np.arange(self.batch_size), self.cpus)
         futures = [
-            self._pool.submit(render_cosmos_galsim, gcat,
-                              jax.tree.map(lambda a, p=p: a[p], blends), *args)
+            pool.submit(render_cosmos_galsim, gcat, jax.tree.map(lambda a, p=p: a[p], blends),
+                        *args)
             for p in parts if len(p)
         ]
         results = [f.result() for f in futures]

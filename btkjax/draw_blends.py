@@ -5,6 +5,6 @@
 """
 
 from btkjax.cosmos import CosmosGenerator
-from btkjax.generator import BACKENDS, CatsimGenerator, DrawBlendsGenerator
+from btkjax.generator import BACKENDS, PIPELINES, CatsimGenerator, DrawBlendsGenerator
 
-__all__ = ["DrawBlendsGenerator", "CatsimGenerator", "CosmosGenerator", "BACKENDS"]
+__all__ = ["DrawBlendsGenerator", "CatsimGenerator", "CosmosGenerator", "BACKENDS", "PIPELINES"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from multiprocessing import get_context
@@ -31,7 +32,7 @@ from multiprocessing import get_context
 import jax
 import jax.numpy as jnp
 import numpy as np
-from astropy.table import Table, vstack
+from astropy.table import Table
 from tqdm.auto import tqdm
 
 from btkjax.blend_tables import EditedRows, extend_rows
@@ -44,29 +45,41 @@ from btkjax.core.boxes import (
     galaxy_reach,
     row_shapes,
 )
-from btkjax.core.keys import DEFAULT_SEED
+from btkjax.core.keys import (
+    DEFAULT_SEED,
+    NOISE_STREAM,
+    ROTATION_STREAM,
+    blend_uniform,
+    stream_key,
+    survey_stream,
+)
 from btkjax.core.kinds import get_kind
+from btkjax.core.noise import add_noise, check_noise_mode
 from btkjax.core.render import CATSIM_KINDS, RenderSpec, render
 from btkjax.core.samplers import Blends
+from btkjax.core.step import simulate
+from btkjax.engine import (
+    HostThreads,
+    blend_mesh,
+    inner_batch,
+    local_devices,
+    map_chunks,
+    padded_take,
+    pieces,
+    plan,
+)
 from btkjax.galaxies import CatalogArrays, band_fluxes, catsim_arrays, make_sources
 from btkjax.galsim_backend import render_galsim
-from btkjax.noise import add_noise, check_noise_mode
+from btkjax.lazy_tables import lazy_blend_list
 from btkjax.optics import make_render_spec, psf_fold_box, psf_kimage_from_galsim
 from btkjax.sampling_functions import SamplingFunction, check_seed
+from btkjax.simulation import make_step
 from btkjax.survey import Survey, check_survey, evaluate_psf, get_mean_sky_level, make_wcs
 
-__all__ = ["DrawBlendsGenerator", "CatsimGenerator", "BACKENDS"]
+__all__ = ["DrawBlendsGenerator", "CatsimGenerator", "BACKENDS", "PIPELINES"]
 
 BACKENDS = ("jax", "galsim")
-
-# Stream tags folded into the seed so that sampling, rotation and noise never share randomness.
-_NOISE_STREAM = 1
-_ROTATION_STREAM = 2
-
-
-def _survey_stream(name: str) -> int:
-    """A stable integer per survey name (Python's hash() is salted per process)."""
-    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % (2**31 - 1)
+PIPELINES = ("auto", "boxes", "step")
 
 
 class _SurveyState:
@@ -102,7 +115,7 @@ class _SurveyState:
             hasattr(survey.get_filter(b).psf, "drawKImage") for b in self.bands
         )
         self.dtype = dtype
-        self.stream = _survey_stream(self.name)
+        self.stream = survey_stream(self.name)
         self._psfs = self.batch_psfs()
         self._psfs_fresh = True
         fwhm = max(float(survey.get_filter(b).psf_fwhm.to_value("arcsec")) for b in self.bands)
@@ -118,6 +131,7 @@ class _SurveyState:
         self.ladder = [int(s) for s in box_ladder(self.base_box, 2 * self.stamp_pixels)]
         self._specs = {}
         self._psf_k = {}
+        self._psf_images = None
 
     def reserve_rows(self, n_rows: int):
         """Room for `n_rows` rows past the catalog's: the rows sampling functions edit."""
@@ -159,12 +173,24 @@ class _SurveyState:
         return self._specs[key]
 
     def new_batch(self):
-        """Evaluates PSF callables once per batch (static PSFs are kept)."""
+        """Evaluates PSF callables once per batch (static PSFs, their k-images and their
+        images are kept)."""
         if not self.static_psf and not self._psfs_fresh:
             self._psfs = self.batch_psfs()
             self._psf_k = {}
+            self._psf_images = None
         self._psfs_fresh = False
         return self._psfs
+
+    def psf_images(self) -> np.ndarray:
+        """The batch's PSFs drawn on the stamp [band, y, x] (cached while the PSFs are; each
+        batch gets its own copy)."""
+        if self._psf_images is None:
+            self._psf_images = np.stack([
+                p.drawImage(nx=self.stamp_pixels, ny=self.stamp_pixels,
+                            scale=self.pixel_scale).array for p in self._psfs
+            ])
+        return self._psf_images.copy()
 
     def psf_k(self, fft_size: int):
         if fft_size not in self._psf_k:
@@ -261,6 +287,7 @@ class DrawBlendsGenerator(EditedRows):
         dtype: str = "float32",
         chunk: int = 8,
         devices=None,
+        pipeline: str = "auto",
     ):
         if not isinstance(catalog, Catalog) or type(catalog).__name__ not in self.compatible_catalogs:
             raise TypeError(
@@ -318,11 +345,11 @@ class DrawBlendsGenerator(EditedRows):
         self.use_bar = use_bar
         self.dtype = jnp.float64 if dtype == "float64" else jnp.float32
         self.chunk = int(chunk)
-        self.devices = _local_devices(devices)
-        self._mesh = (None if self.devices is None
-                      else jax.sharding.Mesh(np.array(self.devices), ("blend",)))
+        self.devices = local_devices(devices)
+        self._mesh = blend_mesh(self.devices)
         self.batch_index = 0
-        self._pool = None
+        self._pool = None  # GalSim backend processes, started on first use (close() stops them)
+        self._threads = HostThreads(name="btkjax-render")
 
         self._check_catalog_columns()
         self.arrays = self._catalog_arrays()
@@ -352,10 +379,39 @@ class DrawBlendsGenerator(EditedRows):
             self._reserve_rows(self.batch_size * self.max_number)
         # the catalog row each row of the arrays was made from (edited rows: their btk_index)
         self._source_rows = np.arange(len(self.arrays.frac))
-        self._noise_key = jax.random.fold_in(jax.random.key(self.seed), _NOISE_STREAM)
-        self._rotation_key = jax.random.fold_in(jax.random.key(self.seed), _ROTATION_STREAM)
+        self._noise_key = stream_key(jax.random.key(self.seed), NOISE_STREAM)
+        self._rotation_key = stream_key(jax.random.key(self.seed), ROTATION_STREAM)
+        self.pipeline = self._choose_pipeline(pipeline)
+        self._steps = {}
+        if self.pipeline == "step":
+            for s in self.surveys:
+                step = make_step(catalog, s, sampling_function, noise=self.add_noise,
+                                 psf="survey", isolated=self.isolated,
+                                 augment=self.augment_data, apply_shear=self.apply_shear,
+                                 dtype=dtype, chunk=inner_batch(self.chunk),
+                                 stamp_size=self.stamp_size)
+                self._steps[s.name] = (step, step.keys(self.seed))
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _choose_pipeline(self, pipeline: str) -> str:
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}.")
+        why_not = None
+        if self.backend != "jax":
+            why_not = f"backend={self.backend!r}"
+        elif self._jax_sampler is None:
+            why_not = f"{type(self.sampling_function).__name__} has no JAX sampler"
+        elif (tuple(self.component_kinds) != CATSIM_KINDS
+              or type(self)._catalog_arrays is not DrawBlendsGenerator._catalog_arrays):
+            why_not = f"{type(self).__name__} does not draw CatSim galaxies"
+        elif not all(st.static_psf for st in self._states.values()):
+            why_not = "a survey's PSF is a callable (evaluated per batch)"
+        if pipeline == "step" and why_not is not None:
+            raise ValueError(f"pipeline='step' cannot be used: {why_not}; use 'boxes'.")
+        if pipeline == "auto":
+            return "step" if why_not is None and jax.default_backend() != "cpu" else "boxes"
+        return pipeline
 
     @staticmethod
     def _check_surveys(surveys) -> list[Survey]:
@@ -431,13 +487,12 @@ class DrawBlendsGenerator(EditedRows):
         return blends, tables
 
     def _rotations(self, blend_ids, mask):
-        keys = jax.vmap(lambda i: jax.random.fold_in(self._rotation_key, i))(jnp.asarray(blend_ids))
-        rot = jax.vmap(lambda k: jax.random.uniform(k, (mask.shape[1],), minval=0, maxval=360))(keys)
+        rot = blend_uniform(self._rotation_key, blend_ids, (mask.shape[1],), 0.0, 360.0)
         return jnp.where(mask, rot, 0.0)
 
     def _draw_survey(self, state: _SurveyState, blends: Blends, blend_ids):
         psfs = state.new_batch()
-        noise_key = jax.random.fold_in(self._noise_key, state.stream)
+        noise_key = stream_key(self._noise_key, state.stream)
         sky = jnp.asarray(state.sky, self.dtype)
         if self.backend == "galsim":
             images, iso = self._render_galsim(state, blends, psfs)
@@ -459,13 +514,33 @@ class DrawBlendsGenerator(EditedRows):
                 rows = np.flatnonzero(sizes == size)
                 sub = jax.tree.map(lambda a, r=rows: np.asarray(a)[r], blends)
                 ids = np.asarray(blend_ids)[rows]
-                img, _ = _render_batch(
+                img, _ = _render_calls(
                     sub, ids, self.arrays_device, state.fluxes, state.psf_k(int(size)), sky,
                     noise_key, state.spec(int(size)), self.add_noise, False,
-                    self._chunk_for(state, int(size)), bar, mesh=self._mesh,
+                    self._chunk_for(state, int(size)), self._threads, mesh=self._mesh,
                 )
-                images[rows] = np.asarray(img)
+                bar.update(len(rows))
+                images[rows] = img
         return images, None, psfs
+
+    @property
+    def simulation_steps(self) -> dict:
+        """With ``pipeline="step"``: per survey name, the (`btkjax.simulation.SimulationStep`,
+        `btkjax.core.step.StepKeys`) this generator draws with (call them in your own jit to
+        get its blends on the device); empty otherwise."""
+        return dict(self._steps)
+
+    def _draw_step(self, state, blend_ids):
+        """A batch of one survey by the simulation step, in the engine's padded calls of
+        `chunk` blends (per device with `devices`): images, iso, PSFs and the sampled blends."""
+        step, keys = self._steps[state.name]
+        psfs = state.new_batch()
+        with self._bar(state.name) as bar:
+            images, iso, blends = map_chunks(
+                _step_call, len(blend_ids), self.chunk, (np.asarray(blend_ids),),
+                (step.arrays, keys), (("spec", step.spec),), mesh=self._mesh,
+                on_progress=bar.update)
+        return images, iso, psfs, blends
 
     def _render_galaxies(self, state, blends, blend_ids, sky, noise_key):
         """Isolated images of the occupied slots only, each galaxy in the FFT box its own light
@@ -502,37 +577,37 @@ class DrawBlendsGenerator(EditedRows):
                                                    self.chunk * self.max_number)))
         if self._mesh is not None:
             for size, comps, b_idx, s_idx, galaxies, per_call in groups:
-                iso[b_idx, s_idx], _ = _render_batch(
+                iso[b_idx, s_idx], _ = _render_calls(
                     galaxies, blend_ids[b_idx], self.arrays_device, state.fluxes,
                     state.psf_k(size), sky, noise_key, state.spec(size, comps), "none", False,
-                    per_call, _NoBar(), mesh=self._mesh, components=comps,
+                    per_call, self._threads, mesh=self._mesh, components=comps,
                 )
-            images = _sum_slots(iso)
-            return _noise_batch(noise_key, blend_ids, images, sky, self.add_noise,
-                                self.chunk), iso
-        # Single device: calls run concurrently on the host threads, each copying its galaxies
-        # into `iso` (disjoint slots); the blends are then the sums over slots, in slot order,
-        # and their noise.
+            images = _sum_slots(iso, self._threads)
+            return _noise_calls(noise_key, blend_ids, images, sky, self.add_noise,
+                                self.chunk, self._threads), iso
+        # Single device: every group's calls run concurrently on the host threads (one task
+        # list), each copying its galaxies into `iso` (disjoint slots); the blends are then
+        # the sums over slots, in slot order, and their noise.
         tasks = []
         for size, comps, b_idx, s_idx, galaxies, per_call in groups:
-            unit, start = _unit(per_call), 0
-            for piece in _pieces(len(b_idx), per_call, unit):
-                stop = min(start + piece, len(b_idx))
-                tasks.append((size, comps, galaxies, b_idx, s_idx, start, stop, piece, unit))
-                start = stop
+            unit = inner_batch(per_call)
+            tasks += [(size, comps, galaxies, b_idx, s_idx, task, unit)
+                      for task in plan(len(b_idx), per_call, unit)]
 
-        def run(task):
-            size, comps, galaxies, b_idx, s_idx, start, stop, piece, unit = task
-            take = np.arange(start, start + piece).clip(max=stop - 1)  # padded: repeats
+        def run(item):
+            size, comps, galaxies, b_idx, s_idx, task, unit = item
+            take = padded_take(task)
             part = jax.tree.map(lambda a, t=take: a[t], galaxies)
             img, _ = _pipeline(part, blend_ids[b_idx[take]], self.arrays_device, state.fluxes,
                                state.psf_k(size), sky, noise_key, state.spec(size, comps),
-                               "none", False, piece, unit, comps)
-            iso[b_idx[start:stop], s_idx[start:stop]] = np.asarray(img)[: stop - start]
+                               "none", False, task.size, unit, comps)
+            k = task.stop - task.start
+            iso[b_idx[task.start:task.stop], s_idx[task.start:task.stop]] = np.asarray(img)[:k]
 
-        _run_tasks(run, tasks)
-        images = _sum_slots(iso)
-        return _noise_batch(noise_key, blend_ids, images, sky, self.add_noise, self.chunk), iso
+        self._threads.run(run, tasks)
+        images = _sum_slots(iso, self._threads)
+        return _noise_calls(noise_key, blend_ids, images, sky, self.add_noise, self.chunk,
+                            self._threads), iso
 
     def _chunk_for(self, state, fft_size: int, per_call: int | None = None) -> int:
         """Items per compiled call for an FFT size: `per_call` (default `chunk` blends) for the
@@ -553,11 +628,10 @@ class DrawBlendsGenerator(EditedRows):
         sources = jax.tree.map(np.asarray, sources)
         if self.cpus == 1 or self.batch_size == 1:
             return render_galsim(sources, psfs, state.spec(state.ladder[0]), isolated=self.isolated)
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.cpus, mp_context=get_context("spawn"))
+        pool = self._process_pool()
         parts = np.array_split(np.arange(self.batch_size), self.cpus)
         futures = [
-            self._pool.submit(
+            pool.submit(
                 render_galsim, jax.tree.map(lambda a, p=p: a[p], sources), psfs,
                 state.spec(state.ladder[0]),
                 self.isolated,
@@ -570,41 +644,24 @@ class DrawBlendsGenerator(EditedRows):
         return images, iso
 
     def _blend_tables(self, blends: Blends, tables, state: _SurveyState):
-        """One astropy table per blend with x_peak, y_peak and per-band fluxes for a survey."""
-        index = np.asarray(blends.index)
-        mask = np.asarray(blends.mask)
-        counts = mask.sum(axis=1)
-        rows = index[mask]
-        if tables is None:
-            big = self.catalog.table[rows]
-            big["ra"] = np.asarray(blends.dx)[mask]
-            big["dec"] = np.asarray(blends.dy)[mask]
-            big["btk_index"] = rows
-            if self._has_shear_columns:
-                big["g1"] = np.asarray(self._jax_sampler.shear[0] + 0 * big["ra"])
-                big["g2"] = np.asarray(self._jax_sampler.shear[1] + 0 * big["ra"])
-        else:
-            big = vstack([t for t in tables if len(t)], metadata_conflicts="silent") if rows.size else Table()
-        big["btk_rotation"] = np.asarray(blends.rotation, dtype=float)[mask]
-        if rows.size:
-            x, y = state.wcs.world_to_pixel_values(
-                np.asarray(big["ra"], dtype=float) / 3600, np.asarray(big["dec"], dtype=float) / 3600
-            )
-            big["x_peak"], big["y_peak"] = x, y
-            fluxes = state.fluxes_host[rows]
-            for b, band in enumerate(state.bands):
-                big[f"{band}_flux"] = fluxes[:, b]
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        return [big[s:e] for s, e in zip(starts, ends, strict=False)]
+        """One astropy table per blend with x_peak, y_peak and per-band fluxes for a survey, as
+        a `LazyBlendList` (built on first access; `btkjax.lazy_tables.lazy_blend_list`)."""
+        shear = self._jax_sampler.shear if self._has_shear_columns and tables is None else None
+        return lazy_blend_list(blends, self.catalog.table, tables, state.wcs, state.fluxes_host,
+                            state.bands, shear)
 
     def __next__(self) -> dict:
         blend_ids = np.arange(self.batch_size) + self.batch_index * self.batch_size
-        blends, tables = self._sample_tables(blend_ids)
+        blends = tables = None
+        if self.pipeline != "step":  # the step samples on the device itself
+            blends, tables = self._sample_tables(blend_ids)
         out = {k: {} for k in ("blend_images", "isolated_images", "blend_list", "psf",
                                "psf_images", "wcs")}
         for state in self._states.values():
-            images, iso, psfs = self._draw_survey(state, blends, blend_ids)
+            if self.pipeline == "step":
+                images, iso, psfs, blends = self._draw_step(state, blend_ids)
+            else:
+                images, iso, psfs = self._draw_survey(state, blends, blend_ids)
             images = np.asarray(images)
             iso = None if iso is None else np.asarray(iso)
             if self.channels_last:
@@ -614,10 +671,7 @@ class DrawBlendsGenerator(EditedRows):
             out["isolated_images"][state.name] = iso
             out["blend_list"][state.name] = self._blend_tables(blends, tables, state)
             out["psf"][state.name] = psfs
-            out["psf_images"][state.name] = np.stack([
-                p.drawImage(nx=state.stamp_pixels, ny=state.stamp_pixels,
-                            scale=state.pixel_scale).array for p in psfs
-            ])
+            out["psf_images"][state.name] = state.psf_images()
             out["wcs"][state.name] = state.wcs
         self.batch_index += 1
         if len(self._states) == 1:
@@ -645,12 +699,30 @@ class DrawBlendsGenerator(EditedRows):
             "augment_data": self.augment_data,
             "channels_last": self.channels_last,
             "dtype": np.dtype(self.dtype).name,
+            "pipeline": self.pipeline,
         }
 
-    def __del__(self):
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+    def close(self):
+        """Stops the generator's host threads and GalSim processes (started on first use; a
+        later batch starts them again). Also on leaving a ``with`` block."""
+        self._threads.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _process_pool(self):
+        """The GalSim backend's process pool (spawned on first use; stopped by `close`, or by a
+        finalizer when the generator is collected)."""
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.cpus, mp_context=get_context("spawn"))
+            weakref.finalize(self, _shutdown_pool, self._pool)
+        return self._pool
 
 
 @partial(jax.jit, static_argnames=("spec", "mode", "isolated", "chunk", "inner", "components"))
@@ -668,212 +740,64 @@ def _pipeline(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mo
     return images, iso
 
 
-def _local_devices(devices):
-    """The devices of the `devices` option of a generator (None: no sharding)."""
-    if devices is None:
-        return None
-    local = jax.local_devices()
-    if isinstance(devices, str):
-        if devices != "all":
-            raise ValueError(f"devices must be None, 'all', an int or a list of devices, got "
-                             f"{devices!r}.")
-        return list(local)
-    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
-        if not 1 <= devices <= len(local):
-            raise ValueError(f"devices={devices} but this process has {len(local)} local "
-                             f"device(s): {local}.")
-        return list(local[: int(devices)])
-    devices = list(devices)
-    if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise TypeError(f"devices must be None, 'all', an int or a non-empty list of "
-                        f"jax.Device, got {devices!r}.")
-    return devices
+def _step_call(blend_ids, arrays, keys, spec):
+    """The generator's use of the step: images, isolated images and the sampled blends."""
+    out = simulate(arrays, keys, blend_ids, spec)
+    return out.images, out.isolated, out.blends
 
 
-_SHARDED = {}
+def _shutdown_pool(pool):
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _sharded_pipeline(mesh, spec, mode, isolated, chunk, inner=None, components=None):
-    """`_pipeline` with its blend axis split over `mesh` ("blend"): each device runs the
-    single-device program on its own `chunk` blends (shard_map), so results do not depend on
-    the number of devices."""
-    key = (mesh, spec, mode, isolated, chunk, inner, components)
-    if key not in _SHARDED:
-        from jax.sharding import PartitionSpec as P
-
-        def body(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key):
-            return _pipeline(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec,
-                             mode, isolated, chunk, inner, components)
-
-        blend = P("blend")
-        _SHARDED[key] = jax.jit(jax.shard_map(
-            body, mesh=mesh, in_specs=(blend, blend, P(), P(), P(), P(), P()),
-            out_specs=blend, check_vma=False))
-    return _SHARDED[key]
+def _render_calls(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
+                  isolated, chunk, threads, mesh=None, components=None, consume=None,
+                  on_progress=None):
+    """`_pipeline` over `blends` in the engine's padded calls of `chunk` items (a multiple of
+    `inner_batch`; with a `mesh`, per device): one compiled shape per FFT size serves every batch, so
+    an item is bit-identical in any batch. Returns host (numpy) (images, iso or None)."""
+    unit = inner_batch(chunk)
+    piece = pieces(1, chunk, unit)[0]
+    static = (("spec", spec), ("mode", mode), ("isolated", isolated), ("chunk", piece),
+              ("inner", unit), ("components", components))
+    return map_chunks(_pipeline, len(blend_ids), piece, (blends, np.asarray(blend_ids)),
+                      (arrays, fluxes, psf_k, sky, noise_key), static, unit=1,
+                      threads=threads, mesh=mesh, consume=consume, on_progress=on_progress)
 
 
-_CPU_INNER = 2
-"""Items (blends or galaxies) a compiled call renders at once inside its loop on CPU: the
-k-images, transforms and images of two galaxies (~1.4 MB in 6 bands) stay in the core's cache,
-where a vmap over a whole call streams through memory (2.3x the time per galaxy, measured:
-LSST, 120-pixel boxes)."""
-
-_POOL = None
-
-
-def _host_threads() -> int:
-    """Calls run concurrently from this many host threads on the CPU backend: one per core, so
-    that each call runs on one core, in cache, instead of splitting every small operation over
-    the cores, plus one, so that no core idles while a thread dispatches a call or copies its
-    images out (+7% over one per core, measured on 2 cores); one on accelerators."""
-    if jax.default_backend() != "cpu":
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover (not Linux)
-        cores = os.cpu_count() or 1
-    return max(1, cores) + 1
-
-
-def _unit(chunk: int) -> int:
-    """The batch of the loop body of the compiled calls of `chunk` items: `_CPU_INNER` on CPU
-    (cache-sized), an eighth of the call on accelerators (which want wide batches)."""
-    if jax.default_backend() == "cpu":
-        return min(_CPU_INNER, chunk)
-    return max(1, chunk // 8)
-
-
-def _run_tasks(fn, tasks):
-    """``[fn(t) for t in tasks]``, on `_host_threads` threads (results in order; the first
-    exception is raised). The results do not depend on the threads: each task is a pure
-    compiled call on its own items."""
-    global _POOL
-    threads = _host_threads()
-    if threads == 1 or len(tasks) <= 1:
-        return [fn(t) for t in tasks]
-    if _POOL is None or _POOL._max_workers != threads:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="btkjax-render")
-    return list(_POOL.map(fn, tasks))
-
-
-def _pieces(n: int, chunk: int, unit: int = 1) -> list[int]:
-    """Sizes of the compiled calls that cover `n` items: calls of `chunk` (a multiple of `unit`),
-    the last one padded. One shape per FFT size: a galaxy's image is then computed by the very
-    same program whatever the batch (XLA's code, hence its last-bit rounding, can depend on the
-    shapes), so blend i is bit-identical in a batch of 1 or 1000. `_chunk_for` keeps the
-    padding small by shrinking calls in proportion to the box's area."""
-    chunk = max(unit, chunk // unit * unit)
-    return [chunk] * (-(-n // chunk))
-
-
-def _render_batch(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
-                  isolated, chunk, bar, mesh=None, components=None):
-    """Runs the jitted pipeline over blends in `_pieces` of at most `chunk` (the last one
-    padded, so that a few compilations per FFT size serve every batch), updating the progress
-    bar. Returns host (numpy) arrays.
-
-    With a `mesh`, pieces hold ``chunk`` blends per device (padded likewise), laid out over the
-    mesh's "blend" axis."""
-    unit = _unit(chunk)
-    if mesh is not None:
-        return _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key,
-                                     spec, mode, isolated, chunk, bar, mesh, unit, components)
-    n = len(blend_ids)
-    blends = jax.tree.map(np.asarray, blends)
-    blend_ids = np.asarray(blend_ids)
-    tasks, start = [], 0
-    for piece in _pieces(n, chunk, unit):
-        stop = min(start + piece, n)
-        tasks.append((start, stop, piece))
-        start = stop
-
-    def run(task):
-        start, stop, piece = task
-        take = np.arange(start, start + piece).clip(max=stop - 1)  # pad with the last blend
-        part = jax.tree.map(lambda a, t=take: a[t], blends)
-        img, iso = _pipeline(part, blend_ids[take], arrays, fluxes, psf_k, sky, noise_key, spec,
-                             mode, isolated, piece, unit, components)
-        img = np.asarray(img)[: stop - start]
-        iso = np.asarray(iso)[: stop - start] if isolated else None
-        return img, iso
-
-    outs = _run_tasks(run, tasks)
-    bar.update(n)
-    images = np.concatenate([img for img, _ in outs])
-    iso = np.concatenate([i for _, i in outs]) if isolated else None
-    return images, iso
-
-
-def _render_batch_sharded(blends, blend_ids, arrays, fluxes, psf_k, sky, noise_key, spec, mode,
-                          isolated, chunk, bar, mesh, inner=None, components=None):
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    n = len(blend_ids)
-    piece = chunk * mesh.size
-    blends = jax.tree.map(np.asarray, blends)
-    blend_ids = np.asarray(blend_ids)
-    replicated = NamedSharding(mesh, P())
-    by_blend = NamedSharding(mesh, P("blend"))
-    arrays, fluxes, psf_k, sky, noise_key = jax.device_put(
-        (arrays, fluxes, psf_k, sky, noise_key), replicated)
-    fn = _sharded_pipeline(mesh, spec, mode, isolated, chunk, inner, components)
-    images, isos = [], []
-    for start in range(0, n, piece):
-        stop = min(start + piece, n)
-        take = np.arange(start, start + piece).clip(max=stop - 1)  # pad with the last blend
-        part = jax.device_put(jax.tree.map(lambda a, t=take: a[t], blends), by_blend)
-        ids = jax.device_put(blend_ids[take], by_blend)
-        img, iso = fn(part, ids, arrays, fluxes, psf_k, sky, noise_key)
-        images.append((img, stop - start))
-        if isolated:
-            isos.append((iso, stop - start))
-        bar.update(stop - start)
-    images = np.concatenate([np.asarray(a)[:k] for a, k in images])
-    iso = np.concatenate([np.asarray(a)[:k] for a, k in isos]) if isolated else None
-    return images, iso
-
-
-def _sum_slots(iso):
+def _sum_slots(iso, threads):
     """The blends: sums of their isolated images over slots (in slot order), [blend, band, y,
     x], computed on the host threads (numpy releases the GIL in reductions)."""
     n = iso.shape[0]
     out = np.empty((n,) + iso.shape[2:], iso.dtype)
-    parts = max(1, min(_host_threads(), n))
+    parts = max(1, min(threads.threads, n))
     bounds = np.linspace(0, n, parts + 1).astype(int)
 
     def run(k):
         lo, hi = bounds[k], bounds[k + 1]
         np.sum(iso[lo:hi], axis=1, out=out[lo:hi])
 
-    _run_tasks(run, list(range(parts)))
+    threads.run(run, list(range(parts)))
     return out
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-
-def _noise_batch(noise_key, blend_ids, images, sky, mode, chunk):
-    """`add_noise` over host images in pieces of `chunk` blends (the last padded: one
-    compilation), run on the host threads; returns a new host array."""
+def _noise_calls(noise_key, blend_ids, images, sky, mode, chunk, threads):
+    """`add_noise` over host images in the engine's padded calls of `chunk` blends, on the host
+    threads; returns a new host array."""
     if mode == "none":
         return images
-    n = len(blend_ids)
-    blend_ids = np.asarray(blend_ids)
     out = np.empty_like(images)
 
-    def run(start):
-        stop = min(start + chunk, n)
-        take = np.arange(start, start + chunk).clip(max=stop - 1)
-        noisy = add_noise(noise_key, blend_ids[take], images[take], sky, mode)
-        out[start:stop] = np.asarray(noisy)[: stop - start]
+    def write(task, noisy):
+        out[task.start:task.stop] = noisy
 
-    _run_tasks(run, list(range(0, n, chunk)))
+    map_chunks(_noise, len(blend_ids), chunk, (np.asarray(blend_ids), images),
+               (noise_key, sky), (("mode", mode),), threads=threads, consume=write)
     return out
+
+
+def _noise(blend_ids, images, key, sky, mode):
+    return add_noise(key, blend_ids, images, sky, mode)
 
 
 class CatsimGenerator(DrawBlendsGenerator):

@@ -91,11 +91,11 @@ def test_two_devices_and_two_processes_give_the_same_files(reference, tmp_path):
     out = tmp_path / "two"
     run = _script(f"""
         import jax
-        from btkjax.generator import _SHARDED
+        from btkjax.engine.devices import sharded_mesh_sizes
         for p in (1, 0):  # two "processes" of one run, one after the other
             streaming.generate(out_dir={str(out)!r}, batch_size=4, devices="all",
                                process_index=p, process_count=2, **KW)
-        print("devices", len(jax.devices()), "mesh", max(k[0].size for k in _SHARDED))
+        print("devices", len(jax.devices()), "mesh", max(sharded_mesh_sizes()))
     """, n_devices=2)
     assert run.returncode == 0, run.stderr
     assert "devices 2 mesh 2" in run.stdout  # the renderer really ran over a 2-device mesh

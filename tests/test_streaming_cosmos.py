@@ -164,13 +164,12 @@ def test_two_devices_two_processes_and_a_kill_give_the_same_files(reference, tmp
     two, killed = tmp_path / "two", tmp_path / "killed"
     run = _run(gal_type, f"""
         import jax
-        from btkjax import cosmos, generator
+        from btkjax.engine.devices import sharded_mesh_sizes
         for p in (1, 0):
             streaming.generate(out_dir={str(two)!r}, catalog=cat, gal_type={gal_type!r},
                                batch_size=2, devices="all", process_index=p, process_count=2,
                                **KW)
-        cache = cosmos._SHARDED_REAL if {gal_type!r} == "real" else generator._SHARDED
-        print("devices", len(jax.devices()), "mesh", max(k[0].size for k in cache), flush=True)
+        print("devices", len(jax.devices()), "mesh", max(sharded_mesh_sizes()), flush=True)
 
         def die(k, path):  # SIGKILL once the first shard is written and listed
             os.kill(os.getpid(), signal.SIGKILL)

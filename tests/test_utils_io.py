@@ -14,6 +14,7 @@ from astropy.table import Table
 
 import btkjax as btk
 from btkjax import utils
+from btkjax.lazy_tables import LazyBlendList
 from btkjax.tolerances import PSF_RELOAD_RTOL_PEAK
 
 
@@ -35,7 +36,9 @@ def assert_same(a, b, where="value"):
         for k in a:
             assert_same(a[k], b[k], f"{where}[{k!r}]")
     elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
+        # a generator's blend_list is a LazyBlendList (a list built on access): read back as list
+        kind = list if isinstance(a, LazyBlendList) else type(a)
+        assert kind is type(b) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b, strict=False)):
             assert_same(x, y, f"{where}[{i}]")
     elif isinstance(a, np.ndarray):

@@ -12,4 +12,5 @@ GalSim objects, no files, no Python loops over blends. See docs/ARCHITECTURE.md.
 - ``noise``: BTK's noise modes, keyed per global blend index
 - ``samplers``: the built-in samplers as pure functions of a key and blend ids
 - ``metrics``: differentiable image metrics
+- ``step``: the simulation step (keys + blend ids -> images and truth, one compiled program)
 """

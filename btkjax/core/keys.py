@@ -19,6 +19,7 @@ __all__ = [
     "ROTATION_STREAM",
     "as_key",
     "blend_keys",
+    "blend_uniform",
     "stream_key",
     "survey_stream",
 ]
@@ -52,6 +53,15 @@ def blend_keys(key: jax.Array, blend_ids) -> jax.Array:
     batching. ``blend_ids`` is an int array ``[blend]``."""
     ids = jnp.asarray(blend_ids, dtype=jnp.int32)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def blend_uniform(key: jax.Array, blend_ids, shape, minval=0.0, maxval=1.0,
+                  dtype=jnp.float32) -> jax.Array:
+    """Per blend, ``jax.random.uniform(fold_in(key, id), shape, dtype, minval, maxval)``:
+    [blend, *shape]. The dtype is explicit (float32 by default) so that the draw does not
+    depend on ``jax_enable_x64``."""
+    keys = blend_keys(key, blend_ids)
+    return jax.vmap(lambda k: jax.random.uniform(k, tuple(shape), dtype, minval, maxval))(keys)
 
 
 def survey_stream(name: str) -> int:

@@ -193,7 +193,7 @@ def add_noise(key: jax.Array, blend_ids, images, sky_level, mode: str = "all"):
         key: the noise key (from the generator's seed).
         blend_ids: [blend] global blend indices.
         images: [blend, band, y, x] noiseless images in electrons.
-        sky_level: [band] mean sky in electrons per pixel.
+        sky_level: [band] mean sky in electrons per pixel, or [blend, band] per blend.
         mode: one of `NOISE_MODES`.
 
     Returns:
@@ -202,7 +202,7 @@ def add_noise(key: jax.Array, blend_ids, images, sky_level, mode: str = "all"):
     if mode == "none":
         return images
     dtype = images.dtype
-    sky = jnp.asarray(sky_level, dtype)[:, None, None]
+    sky = jnp.asarray(sky_level, dtype)[..., None, None]
     keys = blend_keys(key, blend_ids)
 
     rate_gal = jnp.maximum(images, 0)

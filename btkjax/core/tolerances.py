@@ -170,3 +170,14 @@ DEBLEND_ERRORS_CRB_SPREAD_RTOL = 0.25
 # 3%, about twice the measured loss: a wrong weight, PSF normalization or rendered frame moves
 # the flux by more.
 SCARLET2_ISOLATED_FLUX_RTOL = 0.03
+# Simulation step (btkjax.core.step) truth, computed in float32, against float64 references
+# (tests/test_step.py). A pixel position (S - 1) / 2 + dx / p below 1e3 pixels rounds to less
+# than 1e3 * 2**-24 ~ 6e-5 pixel (against the generator's astropy WCS, float64).
+STEP_PIXEL_ATOL_F32 = 1e-4
+# Sums over a stamp's ~1e4 pixels (blendedness, SNR, band fluxes) in float32 against float64:
+# pairwise summation rounds to ~log2(1e4) * 2**-24 ~ 1e-6 relative; 1e-5 leaves a margin.
+STEP_SUM_RTOL_F32 = 1e-5
+# A conditions FWHM counts as inside the bounds the step's FFT box was planned for
+# (Truth.fwhm_in_bounds) within this relative slack: the bounds are float64 products, the
+# drawn FWHMs float32 products of the same factors, which differ by a few float32 ulps (2**-23).
+CONDITIONS_BOUNDS_RTOL = 4 * 2.0**-23
