@@ -17,7 +17,7 @@ demo: venv
 	$(VENV)/bin/btkjax demo --out demo_output
 
 test: venv
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 lint: venv
 	$(VENV)/bin/ruff check btkjax tests benchmarks

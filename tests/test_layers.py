@@ -45,3 +45,17 @@ def test_checker_finds_cycles_floors_and_private_names(tmp_path):
     assert "btkjax.other:1 imports btkjax.top._hidden" in text
     assert "btkjax.uses:2 uses btkjax.top._secret" in text
     assert len(problems) == 5
+
+
+def test_every_module_imports():
+    """Every module of the package imports (a name moved between floors is caught here, not
+    only in the tests that happen to use it)."""
+    import importlib
+    import pkgutil
+
+    import btkjax
+
+    names = [m.name for m in pkgutil.walk_packages(btkjax.__path__, "btkjax.")]
+    assert "btkjax.core.step" in names and "btkjax.deblend.model" in names
+    for name in names:
+        importlib.import_module(name)

@@ -8,6 +8,8 @@ import pytest
 
 from btkjax import profiles as P
 from btkjax.tolerances import (
+    F64_SAME_ATOL,
+    F64_SAME_RTOL,
     FD_STEP_F64,
     GRAD_RTOL_F64,
     IMAGE_RTOL_PEAK_F32,
@@ -220,7 +222,8 @@ def test_interpolated_image_vs_galsim(x64, shape):
 def test_quintic_uval_vs_galsim(x64):
     u = np.linspace(-3, 3, 61)
     np.testing.assert_allclose(
-        np.asarray(P.quintic_uval(u)), galsim.Quintic().kval(2 * np.pi * u), rtol=0, atol=1e-12
+        np.asarray(P.quintic_uval(u)), galsim.Quintic().kval(2 * np.pi * u), rtol=0,
+        atol=F64_SAME_RTOL,  # order-one values
     )
 
 
@@ -240,7 +243,7 @@ def test_sheared_ksq_vs_galsim(x64, q, beta):
     np.testing.assert_allclose(
         np.asarray(P.transformed_ksq(kx, ky, a)),
         np.asarray(P.sheared_ksq(kx, ky, q, beta)),
-        rtol=1e-12,
+        rtol=F64_SAME_RTOL,
     )
 
 
@@ -408,7 +411,7 @@ def test_jit_vmap_matches_loop(x64):
             for n, h in zip(ns, hlrs, strict=True)
         ]
     )
-    np.testing.assert_allclose(np.asarray(batched), loop, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(batched), loop, rtol=0, atol=F64_SAME_ATOL)
 
     batched = jax.jit(jax.vmap(lambda b, h: P.moffat_kvalue(k**2, b, hlr=h)))(betas, hlrs)
     loop = np.stack(
@@ -417,7 +420,7 @@ def test_jit_vmap_matches_loop(x64):
             for b, h in zip(betas, hlrs, strict=True)
         ]
     )
-    np.testing.assert_allclose(np.asarray(batched), loop, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(batched), loop, rtol=0, atol=F64_SAME_ATOL)
 
     # Broadcasting: parameters of shape (7, 1) against k of shape (30,).
     sersic_loop = np.stack(
@@ -428,13 +431,13 @@ def test_jit_vmap_matches_loop(x64):
     )
     bc = P.sersic_kvalue(k**2, ns[:, None], hlrs[:, None])
     assert bc.shape == (7, 30)
-    np.testing.assert_allclose(np.asarray(bc), sersic_loop, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(bc), sersic_loop, rtol=0, atol=F64_SAME_ATOL)
 
     imgs = jnp.asarray(rng.normal(size=(4, 11, 12)) + 1.0)
     kx, ky = jnp.asarray(rng.uniform(-5, 5, (2, 25)))
     batched = jax.jit(jax.vmap(lambda im: P.interpolated_image_kvalue(kx, ky, im, 0.2)))(imgs)
     loop = np.stack([np.asarray(P.interpolated_image_kvalue(kx, ky, im, 0.2)) for im in imgs])
-    np.testing.assert_allclose(np.asarray(batched), loop, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(batched), loop, rtol=0, atol=F64_SAME_RTOL)
 
     qs = jnp.asarray(rng.uniform(0.2, 1.0, 7))
     bs = jnp.asarray(rng.uniform(-3, 3, 7))
@@ -442,7 +445,7 @@ def test_jit_vmap_matches_loop(x64):
     loop = np.stack(
         [np.asarray(P.sheared_ksq(kx, ky, float(q), float(b))) for q, b in zip(qs, bs, strict=True)]
     )
-    np.testing.assert_allclose(np.asarray(batched), loop, rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(batched), loop, rtol=F64_SAME_ATOL)
 
 
 def test_float32_default():
@@ -501,7 +504,7 @@ def test_sersic_per_point_n_matches_per_galaxy(x64):
     per_point = np.asarray(
         P.sersic_kvalue(ksq, np.broadcast_to(ns, ksq.shape), np.broadcast_to(hlrs, ksq.shape))
     )
-    np.testing.assert_allclose(per_point, per_galaxy, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(per_point, per_galaxy, rtol=0, atol=F64_SAME_ATOL)
 
 
 def test_moffat_rejects_truncation():

@@ -10,10 +10,10 @@ import numpy as np
 import sep
 from astropy.table import Table
 
-from btkjax.core.render import psf_kimage_from_galsim
 from btkjax.deblend.model import MODELS, STATUS_TOO_MANY, fit_spec, model_images
 from btkjax.deblend.pipeline import fit_blends, pad_detections
 from btkjax.measure import pixel_to_arcsec, select_survey, sep_singleband_measure
+from btkjax.optics import psf_kimage_from_galsim
 from btkjax.survey import get_mean_sky_level
 
 __all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure"]

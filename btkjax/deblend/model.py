@@ -15,8 +15,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from btkjax.core.boxes import good_fft_size
 from btkjax.core.kinds import get_kind
-from btkjax.core.render import RenderSpec, Sources, good_fft_size, make_render_spec, render
+from btkjax.core.render import RenderSpec, Sources, render
+from btkjax.optics import make_render_spec
 
 __all__ = [
     "Galaxies", "Params", "Prior", "FitResult", "MODELS", "FIT_MAXK_THRESHOLD",
