@@ -7,15 +7,15 @@ stamps, noise "all", float32 images. Two disjoint sets of seeds: ``--set tune`` 
 tuning of the deblender was done on) and ``--set report`` (the seeds the README reports; never
 used for tuning). Neither uses the seeds of the project's other benchmarks (sampler 1, draw 2).
 
-Methods, all but ``btkjax_own`` from SEP's detections in the i band (`sep_singleband_measure`):
+Methods (SEP and scarlet2 from SEP's detections in the i band, `sep_singleband_measure`):
 
 - ``sep``: SEP's segments (each detection's deblended image is the blend inside its segment);
-- ``btkjax``: `btkjax.deblend.ForwardModelMeasure` as it comes (joint fit, galaxies SEP missed
-  added from the multi-band residual);
-- ``btkjax_own``: the same with its own detection and model comparison (``--variant``,
-  default: SEP on the SED-weighted multi-band coadd with finer deblending,
-  `btkjax.deblend.coadd_detections`, and ``split_sources``: a fitted galaxy replaced by two when
-  the likelihood says two);
+- ``btkjax``: `btkjax.deblend.ForwardModelMeasure` as it comes: its own detection (SEP on the
+  SED-weighted multi-band coadd with finer deblending, `btkjax.deblend.coadd_detections`), a
+  compact start, the joint fit, galaxies missed added from the multi-band residual, and model
+  comparison both ways (a galaxy split in two, two merged into one, when the likelihood says
+  so);
+- ``btkjax_sersic``: the same with a free-index Sersic profile (``--variant``);
 - ``scarlet2``: `btkjax.deblend.Scarlet2Measure` (scarlet2 0.5.1 as documented) on the first
   ``--scarlet2-per-batch`` blends of each batch (it takes seconds to minutes per blend), so the
   three-method table is over those blends only; SEP and btkjax are also scored on every blend.
@@ -66,9 +66,8 @@ BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf)
         ("all", -np.inf, np.inf))
 BAND = 3  # i
 _COMPILE_S = [0.0]
-# btkjax with its own detection (SEP on the SED-weighted multi-band coadd, finer deblending) and
-# split_sources: chosen on the tuning seeds (results/deblend_tuning.json)
-VARIANT = '{"detection": "coadd", "sep_kwargs": {"deblend_cont": 0.0001}, "split_sources": true}'
+# the variant of the "btkjax_sersic" rows: the default setup with a free-index Sersic profile
+VARIANT = '{"model": "sersic"}'
 
 
 def _on_jax_event(name, seconds, **kwargs):
@@ -188,8 +187,8 @@ def main(argv=None):
     ap.add_argument("--fm", default="{}",
                     help="JSON of extra ForwardModelMeasure keyword arguments (tuning)")
     ap.add_argument("--variant", default=VARIANT,
-                    help="JSON of the ForwardModelMeasure keyword arguments of the 'btkjax_own' "
-                         "rows (its own detection); '' for none")
+                    help="JSON of the ForwardModelMeasure keyword arguments of the 'btkjax_sersic' "
+                         "rows; '' for none")
     ap.add_argument("--scarlet2-cache", default=None,
                     help="pickle of scarlet2's outputs and times per blend, reused when present "
                          "(its blends do not depend on the other methods)")
@@ -209,7 +208,7 @@ def main(argv=None):
     s2 = Scarlet2Measure() if args.scarlet2_per_batch > 0 else None
     methods = {"sep": sep_singleband_measure, "btkjax": fm}
     if args.variant:
-        methods["btkjax_own"] = ForwardModelMeasure(**{**fm_kwargs, **json.loads(args.variant)})
+        methods["btkjax_sersic"] = ForwardModelMeasure(**{**fm_kwargs, **json.loads(args.variant)})
     if args.only_scarlet2:
         methods = {}
     rows = {k: [] for k in methods}  # every blend

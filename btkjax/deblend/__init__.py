@@ -159,7 +159,15 @@ from btkjax.deblend.model import (
     trace_count,
 )
 from btkjax.deblend.pipeline import PaddedDetections, fit_blends, pad_detections
-from btkjax.deblend.residual import ResidualPeaks, SplitCandidates, residual_peaks, split_candidates
+from btkjax.deblend.priors import catalog_prior
+from btkjax.deblend.residual import (
+    MergeCandidates,
+    ResidualPeaks,
+    SplitCandidates,
+    merge_candidates,
+    residual_peaks,
+    split_candidates,
+)
 from btkjax.deblend.scarlet import Scarlet2Measure, odd_psf_images
 
 __all__ = [
@@ -195,6 +203,9 @@ __all__ = [
     "residual_peaks",
     "split_candidates",
     "SplitCandidates",
+    "merge_candidates",
+    "MergeCandidates",
+    "catalog_prior",
     "crop_origins",
     "crop_size",
     "default_chunk",

@@ -261,8 +261,7 @@ def batch_inputs(images, sky, weight, prior, psf_k, chunk, mask):
     dtype = images.dtype
     sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
     weight = jnp.ones_like(images) if weight is None else jnp.asarray(weight, dtype)
-    prior = Prior() if prior is None else prior
-    prior = Prior(jnp.asarray(prior.log_hlr_mean, dtype), jnp.asarray(prior.log_hlr_width, dtype))
+    prior = (Prior() if prior is None else prior).astype(dtype)
     psf_k = jnp.asarray(psf_k)
     chunk = check_chunk(chunk)
     mask = pad_mask(jnp.asarray(mask, bool), chunk)
@@ -319,7 +318,6 @@ def fit_unrolled(init: Galaxies, anchor_x, anchor_y, mask, images, psf_k, spec: 
     params = to_unconstrained(init, anchor_x, anchor_y, model, max_offset)
     sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
     return _unrolled_jit(params, anchor_x, anchor_y, mask, images, sky, psf_k,
-                         Prior(jnp.asarray(prior.log_hlr_mean, dtype),
-                               jnp.asarray(prior.log_hlr_width, dtype)),
+                         prior.astype(dtype),
                          spec=spec, model=model, optimizer=opt, n_steps=int(n_steps),
                          max_offset=float(max_offset), noise=noise)

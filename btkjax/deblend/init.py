@@ -114,8 +114,9 @@ def _linear_fluxes(unit: Galaxies, mask, images, psf_k, spec: RenderSpec, sky):
     return jnp.where(jnp.isfinite(f), jnp.maximum(f, f_floor), f_floor), iso
 
 
-@partial(jax.jit, static_argnames=("spec", "n_refine"))
-def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: int = 2) -> Galaxies:
+@partial(jax.jit, static_argnames=("spec", "n_refine", "start_hlr"))
+def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: int = 2,
+                  start_hlr: float | None = None) -> Galaxies:
     """Initial `Galaxies` from detections: moments of the deblended data, linear fluxes.
 
     Each detection's share of the inverse-sky-weighted band sum is its symmetric template's
@@ -133,6 +134,16 @@ def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: in
         spec: the fit's `RenderSpec`.
         sky: [band] sky electrons per pixel.
         n_refine: model-split refinements.
+        start_hlr: None (the moments' sizes and ellipticities), or a compact start: every
+            galaxy but the brightest of its blend (flux summed over bands) round, its
+            half-light radius the smaller of its moments' and ``start_hlr`` (arcsec), keeping
+            the positions and fluxes. A galaxy's moments hold its
+            neighbours' light where they overlap, and a fit started from them tends to stay in
+            a minimum where a faint galaxy has grown to take a bright neighbour's wings; from a
+            compact start it grows only as far as its own light asks (measured in
+            ``benchmarks/bench_deblend.py``). The brightest keeps its moments' shape (its
+            moments are mostly its own light): far below the PSF a model hardly depends on its
+            size, and a bright galaxy started there can stall (tests/test_deblend_priors.py).
 
     Returns:
         `Galaxies` with finite values in every slot (empty slots hold harmless defaults).
@@ -178,4 +189,11 @@ def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: in
     # n_refine + 1 passes, the last one's refinement unused: one copy of the code to compile
     gal0 = Galaxies(x=x, y=y, flux=jnp.ones(mask.shape + (n_band,), dtype), hlr=x, g1=x, g2=x,
                     n=n)
-    return jax.lax.fori_loop(0, n_refine + 1, refine, (m_gal, cx, cy, gal0))[3]
+    gal = jax.lax.fori_loop(0, n_refine + 1, refine, (m_gal, cx, cy, gal0))[3]
+    if start_hlr is not None:
+        # the brightest galaxy of each blend keeps its moments' shape (they are mostly its own)
+        total = jnp.where(mask, jnp.sum(gal.flux, axis=-1), -jnp.inf)
+        compact = mask & (total < jnp.max(total, axis=-1, keepdims=True))
+        gal = gal._replace(hlr=jnp.where(compact, jnp.minimum(gal.hlr, start_hlr), gal.hlr),
+                           g1=jnp.where(compact, 0.0, gal.g1), g2=jnp.where(compact, 0.0, gal.g2))
+    return gal

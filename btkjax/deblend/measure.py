@@ -10,13 +10,21 @@ import numpy as np
 import sep
 from astropy.table import Table
 
-from btkjax.deblend.model import MODELS, STATUS_TOO_MANY, fit_spec, model_images
+from btkjax.catalog import CatsimCatalog
+from btkjax.deblend.model import MODELS, STATUS_TOO_MANY, Prior, fit_spec, model_images
 from btkjax.deblend.pipeline import fit_blends, pad_detections
+from btkjax.deblend.priors import catalog_prior
 from btkjax.measure import pixel_to_arcsec, select_survey, sep_singleband_measure
 from btkjax.optics import psf_kimage_from_galsim
 from btkjax.survey import get_mean_sky_level
 
-__all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure"]
+__all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure",
+           "COADD_SEP_KWARGS"]
+
+# SEP's settings of the default coadd detection: finer deblending than SEP's default (0.005),
+# the over-split pieces it makes are merged back by the fit's model comparison (chosen on the
+# tuning seeds of benchmarks/bench_deblend.py)
+COADD_SEP_KWARGS = {"deblend_cont": 1e-4}
 
 
 def coadd_detections(image, sky, sigma_noise: float = 1.5, min_area: int = 5,
@@ -125,6 +133,16 @@ class ForwardModelMeasure:
             `coadd_detections` for ``detection="coadd"``).
         detection: "sep" (SEP on the i band, `sep_singleband_measure`: the detections SEP and
             scarlet2 get) or "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`).
+        prior: None, a `Prior`, or "catalog": `catalog_prior` of the embedded default CatSim
+            catalog as the batch's survey sees it (computed once per survey).
+        split_sources, merge_sources: `fit_blends`'s model comparisons (a galaxy split in
+            two, or two merged into one, when the likelihood says so).
+        start_hlr: `fit_blends`'s compact start (arcsec; None: the moments' shapes).
+
+    The defaults (coadd detection, splits, merges, compact start, no prior) are the setup
+    chosen on the tuning seeds of ``benchmarks/bench_deblend.py`` and reported on others in
+    the README; ``detection="sep", split_sources=False, merge_sources=False,
+    start_hlr=None`` is the deblender of SEP's i-band detections as before.
         **fit_kwargs: passed to `fit_blends` and `fit` (max_steps, chunk, prior,
             residual_kwargs, ...).
 
@@ -141,10 +159,19 @@ class ForwardModelMeasure:
                  seg_factor: float = 3.0, pad_pixels: int = 8, fit_pixels="auto",
                  crop_margin: float = 3.2, errors: bool = True, add_sources: int = 2,
                  dtype=None, name: str = "forward_model", sep_kwargs=None,
-                 detection: str = "sep", **fit_kwargs):
+                 detection: str = "coadd", prior=None, split_sources: bool = True,
+                 merge_sources: bool = True, start_hlr: float | None = 0.1, **fit_kwargs):
         if detection not in ("sep", "coadd"):
             raise ValueError(f"detection must be 'sep' or 'coadd', got {detection!r}.")
         self.detection = detection
+        if not (prior is None or isinstance(prior, Prior) or
+                (isinstance(prior, str) and prior == "catalog")):
+            raise ValueError(f"prior must be None, 'catalog' or a btkjax.deblend.Prior, got "
+                             f"{prior!r}.")
+        if "prior" in fit_kwargs:
+            raise TypeError("prior is given once, as ForwardModelMeasure's own argument.")
+        self.prior = prior
+        self._priors = {}
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
         if deblended not in ("model", "split"):
@@ -169,8 +196,12 @@ class ForwardModelMeasure:
         self.add_sources = int(add_sources)
         self.dtype = dtype
         self.__name__ = name
-        self.sep_kwargs = dict(sep_kwargs or {})
-        self.fit_kwargs = fit_kwargs
+        if sep_kwargs is None:
+            sep_kwargs = dict(COADD_SEP_KWARGS) if detection == "coadd" else {}
+        self.sep_kwargs = dict(sep_kwargs)
+        self.fit_kwargs = {"split_sources": bool(split_sources),
+                           "merge_sources": bool(merge_sources), "start_hlr": start_hlr,
+                           **fit_kwargs}
         self._key = None
         self._cache = None
         self._specs = {}
@@ -195,7 +226,10 @@ class ForwardModelMeasure:
         pixel_scale = float(survey.pixel_scale.to_value("arcsec"))
         bands = list(survey.available_filters)
         sky = np.array([get_mean_sky_level(survey, survey.get_filter(b)) for b in bands])
-        return images, wcs, multires, psfs, pixel_scale, bands, sky
+        if isinstance(self.prior, str) and survey.name not in self._priors:
+            self._priors[survey.name] = catalog_prior(CatsimCatalog.default(), survey)
+        prior = self._priors.get(survey.name) if isinstance(self.prior, str) else self.prior
+        return images, wcs, multires, psfs, pixel_scale, bands, sky, prior
 
     def _spec(self, size, pixel_scale, psfs, dtype):
         """(spec, psf_k) of a ``size``-pixel fit window, cached per size and PSFs."""
@@ -213,7 +247,7 @@ class ForwardModelMeasure:
         return self._specs[key]
 
     def _fit_batch(self, batch, channels_last, surveys, survey_name):
-        images, wcs, multires, psfs, pixel_scale, bands, sky = self._setup(
+        images, wcs, multires, psfs, pixel_scale, bands, sky, prior = self._setup(
             batch, surveys, survey_name)
         images = np.asarray(images)
         if channels_last:
@@ -250,7 +284,8 @@ class ForwardModelMeasure:
         spec, psf_k = self._spec(size, pixel_scale, psfs, dtype)
         res = fit_blends(jnp.asarray(window, dtype),
                          (x - ox[:, None], y - oy[:, None], mask), psf_k, spec, sky,
-                         errors=self.errors, add_sources=self.add_sources, **self.fit_kwargs)
+                         errors=self.errors, add_sources=self.add_sources, prior=prior,
+                         **self.fit_kwargs)
         res = res._replace(status=np.asarray(res.status) | np.where(
             too_many, STATUS_TOO_MANY, 0).astype(np.int32))
         gal = jax.tree.map(np.asarray, res.galaxies)

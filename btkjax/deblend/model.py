@@ -92,13 +92,26 @@ class Params(NamedTuple):
 
 
 class Prior(NamedTuple):
-    """Optional Gaussian prior on log(hlr / arcsec); width inf (the default) means none.
+    """Optional Gaussian priors per galaxy on its size and ellipticity; a width of inf (the
+    default) means none.
+
+    Size: ``ln(hlr / arcsec) ~ N(log_hlr_mean + log_hlr_slope * (ln F - log_flux_ref),
+    log_hlr_width)`` with ``F`` the galaxy's flux summed over bands (electrons): the catalog's
+    size-flux relation (`btkjax.deblend.catalog_prior`), or a flat mean with slope 0.
+    Ellipticity: each reduced-shear component ``g1``, ``g2`` ~ N(0, ``g_width``).
 
     Traced leaves: differentiable (see the module docstring's learning example).
     """
 
     log_hlr_mean: jax.Array | float = 0.0
     log_hlr_width: jax.Array | float = math.inf
+    log_hlr_slope: jax.Array | float = 0.0
+    log_flux_ref: jax.Array | float = 0.0
+    g_width: jax.Array | float = math.inf
+
+    def astype(self, dtype) -> Prior:
+        """The prior with every leaf a ``dtype`` array (what the jitted fits take)."""
+        return Prior(*(jnp.asarray(v, dtype) for v in self))
 
 
 class FitResult(NamedTuple):
@@ -263,8 +276,12 @@ def nll_terms(model, image, sky, weight, noise="poisson") -> NLLTerms:
 
 
 def prior_term(gal1: Galaxies, mask1, prior: Prior):
-    z = (jnp.log(gal1.hlr) - prior.log_hlr_mean) / prior.log_hlr_width
-    return 0.5 * jnp.sum(jnp.where(mask1, z * z, 0.0))
+    """-log of the `Prior` of one blend's galaxies (constants dropped)."""
+    log_flux = jnp.log(jnp.sum(gal1.flux, axis=-1))
+    mean = prior.log_hlr_mean + prior.log_hlr_slope * (log_flux - prior.log_flux_ref)
+    z = (jnp.log(gal1.hlr) - mean) / prior.log_hlr_width
+    zg2 = (gal1.g1 ** 2 + gal1.g2 ** 2) / prior.g_width ** 2
+    return 0.5 * jnp.sum(jnp.where(mask1, z * z + zg2, 0.0))
 
 
 def neg_log_likelihood(gal: Galaxies, mask, images, psf_k, spec: RenderSpec, sky,

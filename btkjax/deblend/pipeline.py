@@ -23,7 +23,7 @@ from btkjax.deblend.model import (
     Galaxies,
     check_spec,
 )
-from btkjax.deblend.residual import residual_peaks, split_candidates
+from btkjax.deblend.residual import merge_candidates, residual_peaks, split_candidates
 
 __all__ = ["PaddedDetections", "pad_detections", "fit_blends"]
 
@@ -76,7 +76,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                init: Galaxies | None = None, errors: bool = True, chunk: int | None = None,
                add_sources: int = 0, residual_kwargs: dict | None = None,
                residual_rounds: int = 1, split_sources: bool = False,
-               split_min_excess: float = 25.0,
+               split_min_excess: float = 25.0, split_rounds: int = 1,
+               merge_sources: bool = False, merge_max_separation: float = 1.5,
+               merge_rounds: int = 1,
+               start_hlr: float | None = None,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
     entry point).
@@ -90,7 +93,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         spec: the fit's `RenderSpec` (`fit_spec`), one component kind: the model.
         sky: [band] sky electrons per pixel.
         max_sources: slots per blend for ragged detections.
-        init: initial `Galaxies` (default `init_galaxies`).
+        init: initial `Galaxies` (default `init_galaxies` with ``start_hlr``).
         errors: compute the Fisher errors (`fisher_errors`) at the fit.
         chunk: blends per compiled call (`default_chunk`).
         add_sources: after the fit, look for up to this many sources per blend that the
@@ -108,12 +111,34 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             (`split_candidates`, above ``split_min_excess``) is replaced by two galaxies on its
             major axis, and the blend fitted again; the two are kept when -log L drops by more
             than the new galaxy's parameters (Akaike), as for ``add_sources``.
+        split_rounds: rounds of ``split_sources`` (each on the fit kept by the previous one;
+            it stops early when no split is kept).
+        merge_sources: the reverse model comparison, after the splits: in each blend, the
+            fainter of the two fitted galaxies closest in units of their half-light radii
+            (`merge_candidates`, closer than ``merge_max_separation``) is removed and the blend
+            fitted again; the fit with one galaxy fewer is kept unless -log L rises by more
+            than that galaxy's parameters (Akaike). ``merge_rounds`` rounds at most.
+        start_hlr: `init_galaxies`'s compact start (arcsec), also for the refits of
+            ``add_sources`` and ``split_sources``; None: the moments' shapes.
         **fit_kwargs: passed to `fit` (optimizer, max_steps, rtol, prior, ...).
 
     Returns:
         `FitResult`.
     """
     check_spec(spec)
+    if isinstance(split_rounds, bool) or not isinstance(split_rounds, int | np.integer) or \
+            split_rounds < 1:
+        raise ValueError(f"split_rounds must be a number of rounds >= 1, got {split_rounds!r}.")
+    if isinstance(merge_rounds, bool) or not isinstance(merge_rounds, int | np.integer) or \
+            merge_rounds < 1:
+        raise ValueError(f"merge_rounds must be a number of rounds >= 1, got {merge_rounds!r}.")
+    if isinstance(add_sources, bool) or not isinstance(add_sources, int | np.integer) or \
+            add_sources < 0:
+        raise ValueError(f"add_sources must be a number of galaxies >= 0, got {add_sources!r}.")
+    if isinstance(residual_rounds, bool) or not isinstance(residual_rounds, int | np.integer) \
+            or residual_rounds < 1:
+        raise ValueError(f"residual_rounds must be a number of rounds >= 1, got "
+                         f"{residual_rounds!r}.")
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != spec.stamp_pixels or images.shape[-2] != \
             spec.stamp_pixels:
@@ -166,23 +191,16 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     sky_init = jnp.asarray(sky_arr if sky_arr.ndim == 1 else sky_arr[0], dtype)
     if init is None:
         psf_shared = psf_k if psf_k.ndim == 3 else psf_k[0]
-        init = apply_chunked(lambda img, x1, y1, m1: init_galaxies(img, x1, y1, m1, psf_shared, spec,
-                                                              sky_init),
+        init = apply_chunked(lambda img, x1, y1, m1: init_galaxies(
+            img, x1, y1, m1, psf_shared, spec, sky_init, start_hlr=start_hlr),
                         images.shape[0], chunk, (images, ax, ay, pad_mask(jmask, chunk)))
     params = to_unconstrained_batch(init, ax, ay, chunk, model, max_offset)
     out = fit(params, ax, ay, jmask, images, psf_k, spec, sky_arr, chunk=chunk, **fit_kwargs)
     status, n_steps, loss, chi2 = out.status, out.n_steps, out.loss, out.chi2
     galaxies = to_physical_batch(out.params, ax, ay, chunk, model, max_offset)
     added = np.zeros(mask.shape, bool)
-    if isinstance(add_sources, bool) or not isinstance(add_sources, int | np.integer) or \
-            add_sources < 0:
-        raise ValueError(f"add_sources must be a number of galaxies >= 0, got {add_sources!r}.")
     if add_sources and psf_k.ndim != 3:
         raise ValueError("add_sources needs one PSF for the batch ([band, Ry, Cx]).")
-    if isinstance(residual_rounds, bool) or not isinstance(residual_rounds, int | np.integer) \
-            or residual_rounds < 1:
-        raise ValueError(f"residual_rounds must be a number of rounds >= 1, got "
-                         f"{residual_rounds!r}.")
     n_par_one = 5 + n_band + (model == "sersic")
 
     def attempt(redo, x2, y2, m2, a2, n_new):
@@ -191,8 +209,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         nonlocal galaxies, init, status, n_steps, loss, chi2, ax, ay, jmask
         img2 = np.asarray(images)[redo]  # numpy: no gather compiled per len(redo)
         ax2, ay2, jm2 = jnp.asarray(x2, dtype), jnp.asarray(y2, dtype), jnp.asarray(m2)
-        init2 = apply_chunked(lambda img, x1, y1, m1: init_galaxies(img, x1, y1, m1, psf_k, spec,
-                                                                    sky_init),
+        init2 = apply_chunked(lambda img, x1, y1, m1: init_galaxies(
+            img, x1, y1, m1, psf_k, spec, sky_init, start_hlr=start_hlr),
                               len(redo), chunk, (img2, ax2, ay2, pad_mask(jm2, chunk)))
         sky2 = sky_arr if sky_arr.ndim == 1 else sky_arr[redo]
         out2 = fit(to_unconstrained_batch(init2, ax2, ay2, chunk, model, max_offset),
@@ -235,20 +253,33 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, slots] = a2[r, slots] = True
         if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)):
             break
-    if split_sources:
-        if psf_k.ndim != 3:
-            raise ValueError("split_sources needs one PSF for the batch ([band, Ry, Cx]).")
+    if split_sources and psf_k.ndim != 3:
+        raise ValueError("split_sources needs one PSF for the batch ([band, Ry, Cx]).")
+    for _ in range(int(split_rounds) if split_sources else 0):
         cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
                                 min_excess=float(split_min_excess))
         redo = np.flatnonzero(cand.slot >= 0)
-        if len(redo):
-            x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
-            for r, b in enumerate(redo):
-                new = np.flatnonzero(~m2[r])[0]
-                x2[r, cand.slot[b]], y2[r, cand.slot[b]] = cand.x1[b], cand.y1[b]
-                x2[r, new], y2[r, new] = cand.x2[b], cand.y2[b]
-                m2[r, new] = a2[r, new] = True
-            attempt(redo, x2, y2, m2, a2, np.ones(len(redo)))
+        if not len(redo):
+            break
+        x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
+        for r, b in enumerate(redo):
+            new = np.flatnonzero(~m2[r])[0]
+            x2[r, cand.slot[b]], y2[r, cand.slot[b]] = cand.x1[b], cand.y1[b]
+            x2[r, new], y2[r, new] = cand.x2[b], cand.y2[b]
+            m2[r, new] = a2[r, new] = True
+        if not attempt(redo, x2, y2, m2, a2, np.ones(len(redo))):
+            break
+    for _ in range(int(merge_rounds) if merge_sources else 0):
+        cand = merge_candidates(galaxies, mask, spec.pixel_scale,
+                                max_separation=float(merge_max_separation))
+        redo = np.flatnonzero(cand.slot >= 0)
+        if not len(redo):
+            break
+        x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
+        m2[np.arange(len(redo)), cand.slot[redo]] = False
+        a2[np.arange(len(redo)), cand.slot[redo]] = False
+        if not attempt(redo, x2, y2, m2, a2, -np.ones(len(redo))):
+            break
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
                                    | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)

@@ -201,3 +201,36 @@ def split_candidates(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, 
     ux, uy = d * np.cos(theta), d * np.sin(theta)
     return SplitCandidates(slot=np.where(ok, best, -1), x1=cx - ux, y1=cy - uy, x2=cx + ux,
                            y2=cy + uy, excess=top)
+
+
+class MergeCandidates(NamedTuple):
+    """What `merge_candidates` returns, per blend (numpy): the slot to remove (-1: none) and
+    its separation from the galaxy it overlaps, in units of the sum of their half-light radii."""
+
+    slot: np.ndarray
+    separation: np.ndarray
+
+
+def merge_candidates(galaxies: Galaxies, mask, pixel_scale: float, *,
+                     max_separation: float = 1.5) -> MergeCandidates:
+    """Which fitted galaxy of each blend may be a piece of a neighbour: of the pair of galaxies
+    closest in units of the sum of their half-light radii (PSF-free sizes, at least one pixel
+    each), when closer than ``max_separation``, the one with less flux summed over bands. An
+    over-split detection (a bright galaxy's wing or a residual of its model taken for a source)
+    leaves such a pair after the fit; `fit_blends`'s ``merge_sources`` refits without it and
+    keeps the fit with fewer galaxies unless -log L rises by more than its parameters."""
+    mask = np.asarray(mask, bool)
+    x, y = np.asarray(galaxies.x, float), np.asarray(galaxies.y, float)
+    r = np.maximum(np.asarray(galaxies.hlr, float) / pixel_scale, 1.0)
+    flux = np.asarray(galaxies.flux, float).sum(axis=-1)
+    sep = np.hypot(x[:, :, None] - x[:, None, :], y[:, :, None] - y[:, None, :]) / (
+        r[:, :, None] + r[:, None, :])
+    pair = mask[:, :, None] & mask[:, None, :] & ~np.eye(mask.shape[1], dtype=bool)[None]
+    sep = np.where(pair, sep, np.inf)
+    flat = sep.reshape(len(sep), -1).argmin(axis=1)
+    i, j = np.unravel_index(flat, sep.shape[1:])
+    b = np.arange(len(sep))
+    best = sep[b, i, j]
+    drop = np.where(flux[b, i] <= flux[b, j], i, j)
+    slot = np.where(best < max_separation, drop, -1)
+    return MergeCandidates(slot=slot.astype(int), separation=best)
