@@ -301,6 +301,19 @@ def main(argv=None):
         for name in rows3:
             table3 += summarize(name, rows3[name], nan3[name], wall[name], cpu[name],
                                 timed[name])
+        # like for like: the galaxies every method matched (rows3 lists the same galaxies in
+        # the same order for every method)
+        both = np.all([[r["matched"] for r in rows3[k]] for k in rows3], axis=0)
+        for name in rows3:
+            sel = np.flatnonzero(both)
+            table3.append({
+                "method": name, "blendedness": "all, matched by every method",
+                "n_true": int(len(both)), "n_matched": int(both.sum()),
+                "dflux_median": _median([rows3[name][i]["dflux"] for i in sel]),
+                "mse_median": _median([rows3[name][i]["mse"] for i in sel]),
+                "de_median": _median([rows3[name][i]["de"] for i in sel]),
+                "s_per_blend": float("nan"), "cpu_s_per_blend": float("nan"),
+                "nan_blends": int(nan3[name]), "timed_blends": 0})
     cols = ["method", "blendedness", "n_true", "n_matched", "dflux_median", "mse_median",
             "de_median", "s_per_blend", "cpu_s_per_blend", "nan_blends"]
     print(f"SEP and btkjax, {n_blends} blends ({args.set} seeds {seeds}):")
