@@ -30,6 +30,9 @@ Scoring, written here independently of the code scored (no btkjax.match / btkjax
 - ``mse``: mean over bands and pixels of (deblended - isolated)^2 (electrons^2);
 - ``de``: |e - e_true| of Gaussian-weighted (sigma 3 pixels, at the true position) moment
   ellipticities (distortion) of the deblended and isolated i-band images;
+- ``pull``: (sum(deblended) - sum(isolated)) / the method's own i-band flux error
+  (``i_flux_err`` of its catalog; btkjax's Fisher errors), its median and robust width
+  (1.4826 x the median absolute deviation; 1 when the errors are calibrated);
 - ``nan_blends``: blends with detections whose deblended images hold a non-finite pixel.
 
 Speed: wall and CPU (process: all threads) seconds per blend of each method; for btkjax over
@@ -126,7 +129,7 @@ def score_blend(truth, iso, out):
     rows = []
     for j in range(n):
         row = {"blendedness": float(bl[j]), "matched": bool(m[j] >= 0), "dflux": np.nan,
-               "mse": np.nan, "de": np.nan}
+               "mse": np.nan, "de": np.nan, "pull": np.nan}
         if m[j] >= 0:
             d = deb[m[j]]
             f_true = iso[j, BAND].sum()
@@ -135,6 +138,9 @@ def score_blend(truth, iso, out):
             e = moments_e(d[BAND], tx[j], ty[j])
             et = moments_e(iso[j, BAND], tx[j], ty[j])
             row["de"] = float(np.hypot(e[0] - et[0], e[1] - et[1]))
+            if "i_flux_err" in cat.colnames:  # the method's own 1-sigma error of the i flux
+                err = float(cat["i_flux_err"][m[j]])
+                row["pull"] = (d[BAND].sum() - f_true) / err if err > 0 else np.nan
         rows.append(row)
     return rows, has_nan
 
@@ -143,6 +149,17 @@ def _median(v):
     v = np.asarray(v, float)
     v = v[np.isfinite(v)]
     return float(np.median(v)) if len(v) else float("nan")
+
+
+def _pull_stats(v):
+    """Median and robust width (1.4826 MAD) of the i-band flux pulls (deblended - isolated) /
+    error, where the method reports errors; a calibrated error gives a width near 1."""
+    v = np.asarray(v, float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {"pull_median": float("nan"), "pull_width": float("nan")}
+    med = float(np.median(v))
+    return {"pull_median": med, "pull_width": float(1.4826 * np.median(np.abs(v - med)))}
 
 
 def summarize(name, rows, nan_blends, wall, cpu, n_timed):
@@ -160,6 +177,7 @@ def summarize(name, rows, nan_blends, wall, cpu, n_timed):
             "dflux_median": _median([rows[i]["dflux"] for i in np.flatnonzero(sm)]),
             "mse_median": _median([rows[i]["mse"] for i in np.flatnonzero(sm)]),
             "de_median": _median([rows[i]["de"] for i in np.flatnonzero(sm)]),
+            **_pull_stats([rows[i]["pull"] for i in np.flatnonzero(sm)]),
             "s_per_blend": wall / n_timed if n_timed else float("nan"),
             "cpu_s_per_blend": cpu / n_timed if n_timed else float("nan"),
             "nan_blends": int(nan_blends), "timed_blends": int(n_timed),
@@ -312,10 +330,12 @@ def main(argv=None):
                 "dflux_median": _median([rows3[name][i]["dflux"] for i in sel]),
                 "mse_median": _median([rows3[name][i]["mse"] for i in sel]),
                 "de_median": _median([rows3[name][i]["de"] for i in sel]),
+                **_pull_stats([rows3[name][i]["pull"] for i in sel]),
                 "s_per_blend": float("nan"), "cpu_s_per_blend": float("nan"),
                 "nan_blends": int(nan3[name]), "timed_blends": 0})
     cols = ["method", "blendedness", "n_true", "n_matched", "dflux_median", "mse_median",
-            "de_median", "s_per_blend", "cpu_s_per_blend", "nan_blends"]
+            "de_median", "pull_median", "pull_width", "s_per_blend", "cpu_s_per_blend",
+            "nan_blends"]
     print(f"SEP and btkjax, {n_blends} blends ({args.set} seeds {seeds}):")
     print(table(table_all, cols))
     if n3:
