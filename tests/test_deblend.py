@@ -355,7 +355,8 @@ def test_forward_model_measure_in_btk_pipeline():
                                               stamp_size=6.0, add_noise="all", seed=5)
     # SEP's detections (the old default), so that the count below is SEP's
     fm = D.ForwardModelMeasure(max_sources=4, max_steps=60, deblended="split", detection="sep",
-                               split_sources=False, merge_sources=False, start_hlr=None)
+                               split_sources=False, merge_sources=False, start_hlr=None,
+                               model="exponential")
     meas = MeasureGenerator([sep_singleband_measure, fm], draw)
     metrics = MetricsGenerator(meas, meas_band_name="r")
     blend_results, meas_results, results = next(metrics)

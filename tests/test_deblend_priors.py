@@ -29,20 +29,23 @@ def _g(q, beta):
 
 
 def test_prior_term_is_the_gaussian_of_its_docstring():
-    """-log prior by hand: the size-flux line and the shear's Gaussian, masked slots out."""
+    """-log prior by hand: the size-flux line, the shear's and the index's Gaussians, masked
+    slots out."""
     gal = D.Galaxies(x=jnp.zeros(3), y=jnp.zeros(3),
                      flux=jnp.array([[100.0, 300.0], [50.0, 50.0], [1.0, 1.0]]),
                      hlr=jnp.array([0.3, 0.2, 9.0]), g1=jnp.array([0.1, -0.2, 0.9]),
                      g2=jnp.array([0.05, 0.0, 0.9]), n=jnp.ones(3))
     mask = jnp.array([True, True, False])
+    gal = gal._replace(n=jnp.array([1.5, 0.8, 4.0]))
     prior = D.Prior(log_hlr_mean=-1.0, log_hlr_width=0.5, log_hlr_slope=0.25,
-                    log_flux_ref=5.0, g_width=0.3)
+                    log_flux_ref=5.0, g_width=0.3, n_mean=1.0, n_width=0.5)
     want = 0.0
     for i in range(2):
         f = float(np.sum(np.asarray(gal.flux)[i]))
         mean = -1.0 + 0.25 * (np.log(f) - 5.0)
         want += 0.5 * ((np.log(float(gal.hlr[i])) - mean) / 0.5) ** 2
         want += 0.5 * (float(gal.g1[i]) ** 2 + float(gal.g2[i]) ** 2) / 0.3 ** 2
+        want += 0.5 * ((float(gal.n[i]) - 1.0) / 0.5) ** 2
     got = float(D.model.prior_term(gal, mask, prior))
     assert got == pytest.approx(want, rel=F64_SAME_RTOL)
     assert float(D.model.prior_term(gal, mask, D.Prior())) == 0.0  # no prior: nothing
@@ -191,6 +194,21 @@ def test_rounds_are_validated(kwargs, match):
                      psf_k, spec, SKY, errors=False, **kwargs)
 
 
-def test_forward_model_measure_rejects_a_bad_prior():
+def test_forward_model_measure_priors():
+    """"auto": the index prior for Sersic fits only; "catalog": the catalog's size and shear
+    terms, plus the index prior for Sersic fits; a Prior as given; anything else an error."""
+    survey = btkjax.survey.get_surveys("LSST")
+    idx = D.SERSIC_INDEX_PRIOR
+    assert D.ForwardModelMeasure().resolve_prior(survey) == D.Prior(n_mean=idx.n_mean,
+                                                                   n_width=idx.n_width)
+    assert D.ForwardModelMeasure(model="exponential").resolve_prior(survey) is None
+    assert D.ForwardModelMeasure(prior=None).resolve_prior(survey) is None
+    cat = D.catalog_prior(btkjax.catalog.CatsimCatalog.default(), survey)
+    got = D.ForwardModelMeasure(prior="catalog").resolve_prior(survey)
+    assert got == cat._replace(n_mean=idx.n_mean, n_width=idx.n_width)
+    assert D.ForwardModelMeasure(prior="catalog", model="exponential").resolve_prior(
+        survey) == cat
+    mine = D.Prior(g_width=0.2)
+    assert D.ForwardModelMeasure(prior=mine).resolve_prior(survey) is mine
     with pytest.raises(ValueError, match="prior must be"):
         D.ForwardModelMeasure(prior="flat")

@@ -129,6 +129,8 @@ from btkjax.deblend.errors import FisherErrors, fisher_errors
 from btkjax.deblend.fit import FitOutput, fit, fit_unrolled
 from btkjax.deblend.init import init_galaxies
 from btkjax.deblend.measure import (
+    COADD_SEP_KWARGS,
+    SERSIC_INDEX_PRIOR,
     ForwardModelMeasure,
     coadd_detections,
     crop_origins,
@@ -213,6 +215,8 @@ __all__ = [
     "pad_detections",
     "fit_spec",
     "ForwardModelMeasure",
+    "SERSIC_INDEX_PRIOR",
+    "COADD_SEP_KWARGS",
     "coadd_detections",
     "Scarlet2Measure",
     "odd_psf_images",

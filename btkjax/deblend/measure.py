@@ -19,7 +19,11 @@ from btkjax.optics import psf_kimage_from_galsim
 from btkjax.survey import get_mean_sky_level
 
 __all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure",
-           "COADD_SEP_KWARGS"]
+           "COADD_SEP_KWARGS", "SERSIC_INDEX_PRIOR"]
+
+# The default prior of model="sersic": n ~ N(1, 0.5), a disk unless the data say otherwise
+# (width chosen on the tuning seeds of benchmarks/bench_deblend.py among 0.3, 0.5, 0.7, 1, inf)
+SERSIC_INDEX_PRIOR = Prior(n_mean=1.0, n_width=0.5)
 
 # SEP's settings of the default coadd detection: finer deblending than SEP's default (0.005),
 # the over-split pieces it makes are merged back by the fit's model comparison (chosen on the
@@ -133,16 +137,20 @@ class ForwardModelMeasure:
             `coadd_detections` for ``detection="coadd"``).
         detection: "sep" (SEP on the i band, `sep_singleband_measure`: the detections SEP and
             scarlet2 get) or "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`).
-        prior: None, a `Prior`, or "catalog": `catalog_prior` of the embedded default CatSim
-            catalog as the batch's survey sees it (computed once per survey).
+        prior: "auto" (the default: `SERSIC_INDEX_PRIOR` on the index for model="sersic",
+            nothing else), None (none), a `Prior`, or "catalog": `catalog_prior` of the
+            embedded default CatSim catalog as the batch's survey sees it (computed once per
+            survey), with `SERSIC_INDEX_PRIOR` for model="sersic".
         split_sources, merge_sources: `fit_blends`'s model comparisons (a galaxy split in
             two, or two merged into one, when the likelihood says so).
         start_hlr: `fit_blends`'s compact start (arcsec; None: the moments' shapes).
 
-    The defaults (coadd detection, splits, merges, compact start, no prior) are the setup
+    The defaults (a free-index Sersic profile with a prior on the index, coadd detection,
+    splits, merges, compact start) are the setup
     chosen on the tuning seeds of ``benchmarks/bench_deblend.py`` and reported on others in
-    the README; ``detection="sep", split_sources=False, merge_sources=False,
-    start_hlr=None`` is the deblender of SEP's i-band detections as before.
+    the README; ``model="exponential", detection="sep", split_sources=False,
+    merge_sources=False, start_hlr=None`` is the earlier default (exponential profiles on
+    SEP's i-band detections); ``model="exponential"`` alone is 2.3x cheaper.
         **fit_kwargs: passed to `fit_blends` and `fit` (max_steps, chunk, prior,
             residual_kwargs, ...).
 
@@ -155,19 +163,19 @@ class ForwardModelMeasure:
     and ``n_steps`` (the blend's), ``chi2_per_pixel``.
     """
 
-    def __init__(self, model: str = "exponential", max_sources: int = 6, deblended="model",
+    def __init__(self, model: str = "sersic", max_sources: int = 6, deblended="model",
                  seg_factor: float = 3.0, pad_pixels: int = 8, fit_pixels="auto",
                  crop_margin: float = 3.2, errors: bool = True, add_sources: int = 2,
                  dtype=None, name: str = "forward_model", sep_kwargs=None,
-                 detection: str = "coadd", prior=None, split_sources: bool = True,
+                 detection: str = "coadd", prior="auto", split_sources: bool = True,
                  merge_sources: bool = True, start_hlr: float | None = 0.1, **fit_kwargs):
         if detection not in ("sep", "coadd"):
             raise ValueError(f"detection must be 'sep' or 'coadd', got {detection!r}.")
         self.detection = detection
         if not (prior is None or isinstance(prior, Prior) or
-                (isinstance(prior, str) and prior == "catalog")):
-            raise ValueError(f"prior must be None, 'catalog' or a btkjax.deblend.Prior, got "
-                             f"{prior!r}.")
+                (isinstance(prior, str) and prior in ("auto", "catalog"))):
+            raise ValueError(f"prior must be None, 'auto', 'catalog' or a btkjax.deblend.Prior, "
+                             f"got {prior!r}.")
         if "prior" in fit_kwargs:
             raise TypeError("prior is given once, as ForwardModelMeasure's own argument.")
         self.prior = prior
@@ -226,10 +234,18 @@ class ForwardModelMeasure:
         pixel_scale = float(survey.pixel_scale.to_value("arcsec"))
         bands = list(survey.available_filters)
         sky = np.array([get_mean_sky_level(survey, survey.get_filter(b)) for b in bands])
-        if isinstance(self.prior, str) and survey.name not in self._priors:
+        return images, wcs, multires, psfs, pixel_scale, bands, sky, self.resolve_prior(survey)
+
+    def resolve_prior(self, survey) -> Prior | None:
+        """The `Prior` fitted on ``survey``'s images (see ``prior``)."""
+        if self.prior == "catalog" and survey.name not in self._priors:
             self._priors[survey.name] = catalog_prior(CatsimCatalog.default(), survey)
-        prior = self._priors.get(survey.name) if isinstance(self.prior, str) else self.prior
-        return images, wcs, multires, psfs, pixel_scale, bands, sky, prior
+        prior = self._priors.get(survey.name) if self.prior == "catalog" else (
+            None if isinstance(self.prior, str) else self.prior)
+        if isinstance(self.prior, str) and self.model == "sersic":
+            return (prior or Prior())._replace(n_mean=SERSIC_INDEX_PRIOR.n_mean,
+                                               n_width=SERSIC_INDEX_PRIOR.n_width)
+        return prior
 
     def _spec(self, size, pixel_scale, psfs, dtype):
         """(spec, psf_k) of a ``size``-pixel fit window, cached per size and PSFs."""

@@ -99,6 +99,8 @@ class Prior(NamedTuple):
     log_hlr_width)`` with ``F`` the galaxy's flux summed over bands (electrons): the catalog's
     size-flux relation (`btkjax.deblend.catalog_prior`), or a flat mean with slope 0.
     Ellipticity: each reduced-shear component ``g1``, ``g2`` ~ N(0, ``g_width``).
+    Sersic index (``model="sersic"``): ``n ~ N(n_mean, n_width)``; bright galaxies' data
+    outweigh it, faint ones stay near ``n_mean`` (a model of fixed index has no term).
 
     Traced leaves: differentiable (see the module docstring's learning example).
     """
@@ -108,6 +110,8 @@ class Prior(NamedTuple):
     log_hlr_slope: jax.Array | float = 0.0
     log_flux_ref: jax.Array | float = 0.0
     g_width: jax.Array | float = math.inf
+    n_mean: jax.Array | float = 1.0
+    n_width: jax.Array | float = math.inf
 
     def astype(self, dtype) -> Prior:
         """The prior with every leaf a ``dtype`` array (what the jitted fits take)."""
@@ -281,7 +285,8 @@ def prior_term(gal1: Galaxies, mask1, prior: Prior):
     mean = prior.log_hlr_mean + prior.log_hlr_slope * (log_flux - prior.log_flux_ref)
     z = (jnp.log(gal1.hlr) - mean) / prior.log_hlr_width
     zg2 = (gal1.g1 ** 2 + gal1.g2 ** 2) / prior.g_width ** 2
-    return 0.5 * jnp.sum(jnp.where(mask1, z * z + zg2, 0.0))
+    zn = (gal1.n - prior.n_mean) / prior.n_width
+    return 0.5 * jnp.sum(jnp.where(mask1, z * z + zg2 + zn * zn, 0.0))
 
 
 def neg_log_likelihood(gal: Galaxies, mask, images, psf_k, spec: RenderSpec, sky,
