@@ -1,7 +1,8 @@
 r"""Forward-model deblending: every detected galaxy of a blend fitted jointly, in all bands.
 
-Each detected galaxy is modelled as one elliptical profile (exponential by default, or a Sersic
-profile of free index) with a position, a flux per band, a half-light radius and a reduced-shear
+Each detected galaxy is modelled as one elliptical profile (exponential by default in
+`fit_spec`, or a Sersic profile of free index, which `ForwardModelMeasure` fits by default with
+a prior on the index) with a position, a flux per band, a half-light radius and a reduced-shear
 ellipticity, convolved with the band's known PSF by `btkjax.core.render.render`. The parameters of all
 galaxies of a blend are fitted at once by minimizing the Gaussian negative log-likelihood of the
 background-subtracted image under the Poisson noise model of `btkjax.noise` ("all" mode): half
