@@ -9,7 +9,7 @@ from astropy.table import Table
 import btkjax
 from btkjax import deblend as D
 from btkjax.render import psf_kimage_from_galsim
-from btkjax.tolerances import DEBLEND_NOISELESS_RTOL, F64_SAME_RTOL
+from btkjax.tolerances import DEBLEND_NOISELESS_RTOL, F64_SAME_ATOL, F64_SAME_RTOL
 
 pytestmark = pytest.mark.float64
 
@@ -74,11 +74,11 @@ def test_catalog_prior_recovers_a_known_size_flux_relation():
     p = D.catalog_prior(t, survey, max_mag=26.0)
     ref = np.median(np.log(flux))
     assert p.log_flux_ref == pytest.approx(ref, rel=F64_SAME_RTOL)
-    assert p.log_hlr_slope == pytest.approx(b_true, rel=1e-9)
-    assert p.log_hlr_mean == pytest.approx(a_true + b_true * (ref - 13.0), rel=1e-9)
-    assert p.log_hlr_width < 1e-9
+    assert p.log_hlr_slope == pytest.approx(b_true, rel=F64_SAME_RTOL)
+    assert p.log_hlr_mean == pytest.approx(a_true + b_true * (ref - 13.0), rel=F64_SAME_RTOL)
+    assert p.log_hlr_width < F64_SAME_ATOL
     g = (1 - q) / (1 + q)
-    assert p.g_width == pytest.approx(np.sqrt(np.mean(g * g) / 2), rel=1e-9)
+    assert p.g_width == pytest.approx(np.sqrt(np.mean(g * g) / 2), rel=F64_SAME_RTOL)
     with pytest.raises(ValueError, match="at least 10 galaxies"):
         D.catalog_prior(t, survey, max_mag=15.0)
 
@@ -185,9 +185,16 @@ def test_merge_removes_a_spurious_piece_and_keeps_a_real_pair():
 @pytest.mark.parametrize("kwargs, match", [
     ({"split_rounds": 0, "split_sources": True}, "split_rounds"),
     ({"merge_rounds": 1.5, "merge_sources": True}, "merge_rounds"),
+    ({"add_sources": -1}, "add_sources must be"),
+    ({"residual_rounds": True}, "residual_rounds"),
+    ({"add_sources": 1, "per_blend_psf": True}, "add_sources needs one PSF"),
+    ({"split_sources": True, "per_blend_psf": True}, "split_sources needs one PSF"),
 ])
 def test_rounds_are_validated(kwargs, match):
+    """Bad counts and options that need one PSF for the batch fail before any fit."""
     spec, psf_k = _spec(16)
+    if kwargs.pop("per_blend_psf", False):
+        psf_k = psf_k[None]
     with pytest.raises(ValueError, match=match):
         D.fit_blends(jnp.zeros((1, 2, 16, 16)), (np.full((1, 1), 8.0), np.full((1, 1), 8.0),
                                                  np.ones((1, 1), bool)),

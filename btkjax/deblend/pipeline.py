@@ -126,19 +126,15 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         `FitResult`.
     """
     check_spec(spec)
-    if isinstance(split_rounds, bool) or not isinstance(split_rounds, int | np.integer) or \
-            split_rounds < 1:
-        raise ValueError(f"split_rounds must be a number of rounds >= 1, got {split_rounds!r}.")
-    if isinstance(merge_rounds, bool) or not isinstance(merge_rounds, int | np.integer) or \
-            merge_rounds < 1:
-        raise ValueError(f"merge_rounds must be a number of rounds >= 1, got {merge_rounds!r}.")
-    if isinstance(add_sources, bool) or not isinstance(add_sources, int | np.integer) or \
-            add_sources < 0:
-        raise ValueError(f"add_sources must be a number of galaxies >= 0, got {add_sources!r}.")
-    if isinstance(residual_rounds, bool) or not isinstance(residual_rounds, int | np.integer) \
-            or residual_rounds < 1:
-        raise ValueError(f"residual_rounds must be a number of rounds >= 1, got "
-                         f"{residual_rounds!r}.")
+    for name, value, least, what in (("split_rounds", split_rounds, 1, "rounds"),
+                                     ("merge_rounds", merge_rounds, 1, "rounds"),
+                                     ("add_sources", add_sources, 0, "galaxies"),
+                                     ("residual_rounds", residual_rounds, 1, "rounds")):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"{name} must be a number of {what} >= {least}, got {value!r}.")
+    if (add_sources or split_sources) and np.ndim(psf_k) != 3:
+        raise ValueError(f"{'add_sources' if add_sources else 'split_sources'} needs one PSF "
+                         "for the batch ([band, Ry, Cx]).")
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != spec.stamp_pixels or images.shape[-2] != \
             spec.stamp_pixels:
@@ -199,8 +195,6 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     status, n_steps, loss, chi2 = out.status, out.n_steps, out.loss, out.chi2
     galaxies = to_physical_batch(out.params, ax, ay, chunk, model, max_offset)
     added = np.zeros(mask.shape, bool)
-    if add_sources and psf_k.ndim != 3:
-        raise ValueError("add_sources needs one PSF for the batch ([band, Ry, Cx]).")
     n_par_one = 5 + n_band + (model == "sersic")
 
     def attempt(redo, x2, y2, m2, a2, n_new):
@@ -253,8 +247,6 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, slots] = a2[r, slots] = True
         if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)):
             break
-    if split_sources and psf_k.ndim != 3:
-        raise ValueError("split_sources needs one PSF for the batch ([band, Ry, Cx]).")
     for _ in range(int(split_rounds) if split_sources else 0):
         cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
                                 min_excess=float(split_min_excess))
