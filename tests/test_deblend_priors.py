@@ -182,6 +182,40 @@ def test_merge_removes_a_spurious_piece_and_keeps_a_real_pair():
     assert cand.separation[1] == pytest.approx(6 / 4.5, rel=DEBLEND_NOISELESS_RTOL)
 
 
+def test_move_frees_a_piece_for_the_undetected_neighbour():
+    """A bright galaxy detected twice, 1.2 pixels apart, and a faint neighbour 6 pixels away
+    not detected at all (noiseless). Merging the piece loses the neighbour's light (-log L
+    rises: the two pieces are kept), and a residual detection does not see it (the piece holds
+    part of it), so without `move_sources` the neighbour's flux is wrong; with it the piece is
+    moved to the merged fit's residual peak and both galaxies come back exactly."""
+    spec, psf_k = _spec(40)
+    truth = D.Galaxies(x=jnp.array([[18.0, 24.0]]), y=jnp.array([[20.0, 19.0]]),
+                       flux=jnp.array([[[2e5, 2.4e5], [1.5e4, 2e4]]]),
+                       hlr=jnp.array([[0.5, 0.3]]), g1=jnp.array([[0.1, 0.0]]),
+                       g2=jnp.zeros((1, 2)), n=jnp.ones((1, 2)))
+    images = D.model_images(truth, jnp.ones((1, 2), bool), psf_k, spec).sum(axis=1)
+    det = (np.array([[17.4, 18.6, 0.0]]), np.array([[20.0, 20.0, 0.0]]),
+           np.array([[True, True, False]]))
+    kw = dict(errors=False, rtol=1e-13, merge_sources=True)
+    stuck = D.fit_blends(images, det, psf_k, spec, SKY, **kw)
+    res = D.fit_blends(images, det, psf_k, spec, SKY, move_sources=True, **kw)
+    assert np.asarray(stuck.mask).sum() == 2 and np.asarray(res.mask).sum() == 2
+    gal, mask = res.galaxies, np.asarray(res.mask)[0]
+    slots = np.flatnonzero(mask)
+    x = np.asarray(gal.x)[0, slots]
+    near_b = slots[np.argmax(x)]
+    assert abs(float(gal.x[0, near_b]) - 24.0) < DEBLEND_NOISELESS_RTOL
+    assert abs(float(gal.y[0, near_b]) - 19.0) < DEBLEND_NOISELESS_RTOL
+    np.testing.assert_allclose(np.asarray(gal.flux)[0, near_b], [1.5e4, 2e4],
+                               rtol=DEBLEND_NOISELESS_RTOL)
+    np.testing.assert_allclose(np.asarray(gal.flux)[0, slots[np.argmin(x)]], [2e5, 2.4e5],
+                               rtol=DEBLEND_NOISELESS_RTOL)
+    # without the move the galaxy nearest the neighbour holds the wrong flux
+    sg, sm = stuck.galaxies, np.flatnonzero(np.asarray(stuck.mask)[0])
+    far = sm[np.argmax(np.asarray(sg.x)[0, sm])]
+    assert abs(float(sg.flux[0, far, 0]) / 1.5e4 - 1) > 10 * DEBLEND_NOISELESS_RTOL
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"split_rounds": 0, "split_sources": True}, "split_rounds"),
     ({"merge_rounds": 1.5, "merge_sources": True}, "merge_rounds"),
@@ -189,6 +223,8 @@ def test_merge_removes_a_spurious_piece_and_keeps_a_real_pair():
     ({"residual_rounds": True}, "residual_rounds"),
     ({"add_sources": 1, "per_blend_psf": True}, "add_sources needs one PSF"),
     ({"split_sources": True, "per_blend_psf": True}, "split_sources needs one PSF"),
+    ({"merge_sources": True, "move_sources": True, "per_blend_psf": True},
+     "move_sources needs one PSF"),
 ])
 def test_rounds_are_validated(kwargs, match):
     """Bad counts and options that need one PSF for the batch fail before any fit."""

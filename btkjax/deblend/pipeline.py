@@ -78,7 +78,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                residual_rounds: int = 1, split_sources: bool = False,
                split_min_excess: float = 25.0, split_rounds: int = 1,
                merge_sources: bool = False, merge_max_separation: float = 1.5,
-               merge_rounds: int = 1,
+               merge_rounds: int = 1, move_sources: bool = False,
                start_hlr: float | None = None,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
@@ -118,6 +118,13 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             (`merge_candidates`, closer than ``merge_max_separation``) is removed and the blend
             fitted again; the fit with one galaxy fewer is kept unless -log L rises by more
             than that galaxy's parameters (Akaike). ``merge_rounds`` rounds at most.
+        move_sources: with ``merge_sources``, a third model of each merge candidate's blend:
+            the galaxy moved instead of removed, to the most significant peak of the merged
+            fit's residual (`residual_peaks`, ``residual_kwargs``), and the blend fitted again;
+            of the three (as it is, merged, moved) the one of least Akaike criterion is kept. A
+            bright galaxy fitted as two pieces while a faint neighbour went undetected is a
+            local minimum that neither a merge (the neighbour's light is lost) nor a residual
+            detection (the piece holds it) leaves. Needs one PSF for the batch.
         start_hlr: `init_galaxies`'s compact start (arcsec), also for the refits of
             ``add_sources`` and ``split_sources``; None: the moments' shapes.
         **fit_kwargs: passed to `fit` (optimizer, max_steps, rtol, prior, ...).
@@ -132,9 +139,12 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                                      ("residual_rounds", residual_rounds, 1, "rounds")):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
             raise ValueError(f"{name} must be a number of {what} >= {least}, got {value!r}.")
-    if (add_sources or split_sources) and np.ndim(psf_k) != 3:
-        raise ValueError(f"{'add_sources' if add_sources else 'split_sources'} needs one PSF "
-                         "for the batch ([band, Ry, Cx]).")
+    needs_one_psf = [name for name, on in (("add_sources", add_sources),
+                                           ("split_sources", split_sources),
+                                           ("move_sources", move_sources and merge_sources))
+                     if on]
+    if needs_one_psf and np.ndim(psf_k) != 3:
+        raise ValueError(f"{needs_one_psf[0]} needs one PSF for the batch ([band, Ry, Cx]).")
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != spec.stamp_pixels or images.shape[-2] != \
             spec.stamp_pixels:
@@ -197,10 +207,9 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     added = np.zeros(mask.shape, bool)
     n_par_one = 5 + n_band + (model == "sersic")
 
-    def attempt(redo, x2, y2, m2, a2, n_new):
-        """Refits blends ``redo`` from the detections (x2, y2, m2) and keeps each refit whose
-        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); True if any."""
-        nonlocal galaxies, init, status, n_steps, loss, chi2, ax, ay, jmask
+    def refit(redo, x2, y2, m2):
+        """Fits blends ``redo`` again from the detections (x2, y2, m2): (output of `fit`,
+        initial and fitted `Galaxies`)."""
         img2 = np.asarray(images)[redo]  # numpy: no gather compiled per len(redo)
         ax2, ay2, jm2 = jnp.asarray(x2, dtype), jnp.asarray(y2, dtype), jnp.asarray(m2)
         init2 = apply_chunked(lambda img, x1, y1, m1: init_galaxies(
@@ -209,9 +218,13 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         sky2 = sky_arr if sky_arr.ndim == 1 else sky_arr[redo]
         out2 = fit(to_unconstrained_batch(init2, ax2, ay2, chunk, model, max_offset),
                    ax2, ay2, jm2, img2, psf_k, spec, sky2, chunk=chunk, **fit_kwargs)
-        keep = np.asarray(out2.loss) < np.asarray(loss)[redo] - n_new * n_par_one
-        keep &= np.isfinite(np.asarray(out2.loss))
-        k, kr = redo[keep], np.flatnonzero(keep)
+        return out2, init2, to_physical_batch(out2.params, ax2, ay2, chunk, model, max_offset)
+
+    def keep(redo, keep_, x2, y2, m2, a2, fitted):
+        """Takes the refits ``fitted`` (`refit`'s) of the blends ``redo[keep_]``."""
+        nonlocal galaxies, init, status, n_steps, loss, chi2, ax, ay, jmask
+        out2, init2, gal2 = fitted
+        k, kr = redo[keep_], np.flatnonzero(keep_)
         if not len(k):
             return False
 
@@ -220,7 +233,6 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             a[k] = np.asarray(b)[kr]
             return jnp.asarray(a)
 
-        gal2 = to_physical_batch(out2.params, ax2, ay2, chunk, model, max_offset)
         galaxies = jax.tree.map(merge, galaxies, gal2)
         init = jax.tree.map(merge, init, init2)
         status = merge(status, np.asarray(out2.status) | STATUS_ADDED)
@@ -230,6 +242,14 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         x[k], y[k] = x2[kr], y2[kr]
         ax, ay, jmask = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(mask)
         return True
+
+    def attempt(redo, x2, y2, m2, a2, n_new):
+        """Refits blends ``redo`` from the detections (x2, y2, m2) and keeps each refit whose
+        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); True if any."""
+        fitted = refit(redo, x2, y2, m2)
+        new_loss = np.asarray(fitted[0].loss)
+        ok = np.isfinite(new_loss) & (new_loss < np.asarray(loss)[redo] - n_new * n_par_one)
+        return keep(redo, ok, x2, y2, m2, a2, fitted)
 
     for _ in range(int(residual_rounds) if add_sources else 0):
         peaks = residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
@@ -268,9 +288,39 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         if not len(redo):
             break
         x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
-        m2[np.arange(len(redo)), cand.slot[redo]] = False
-        a2[np.arange(len(redo)), cand.slot[redo]] = False
-        if not attempt(redo, x2, y2, m2, a2, -np.ones(len(redo))):
+        rows, slots = np.arange(len(redo)), cand.slot[redo]
+        m2[rows, slots] = a2[rows, slots] = False
+        if not move_sources:
+            if not attempt(redo, x2, y2, m2, a2, -np.ones(len(redo))):
+                break
+            continue
+        # Akaike among three models of each blend: as it is, merged (one galaxy fewer), and
+        # moved (the merged fit's most significant residual peak in the freed slot)
+        merged = refit(redo, x2, y2, m2)
+        aic_old = np.asarray(loss)[redo]
+        aic_merged = np.asarray(merged[0].loss) - n_par_one
+        aic_merged = np.where(np.isfinite(aic_merged), aic_merged, np.inf)
+        img2 = np.asarray(images)[redo]
+        peaks = residual_peaks(merged[2], jnp.asarray(m2), img2, psf_k, spec, sky_init, n_add=1,
+                               chunk=chunk, **(residual_kwargs or {}))
+        found = np.asarray(peaks.found)[:, 0]
+        aic_moved = np.full(len(redo), np.inf)
+        x3, y3, m3, a3 = x2.copy(), y2.copy(), m2.copy(), a2.copy()
+        x3[rows, slots] = np.where(found, np.asarray(peaks.x)[:, 0], x3[rows, slots])
+        y3[rows, slots] = np.where(found, np.asarray(peaks.y)[:, 0], y3[rows, slots])
+        m3[rows, slots] = a3[rows, slots] = found
+        moved = None
+        if found.any():
+            f = np.flatnonzero(found)
+            moved = refit(redo[f], x3[f], y3[f], m3[f])
+            lm = np.asarray(moved[0].loss)
+            aic_moved[f] = np.where(np.isfinite(lm), lm, np.inf)
+        take_m = (aic_merged < aic_old) & (aic_merged <= aic_moved)
+        take_r = (aic_moved < aic_old) & (aic_moved < aic_merged)
+        kept = keep(redo, take_m, x2, y2, m2, a2, merged)
+        if moved is not None:
+            kept |= keep(redo[f], take_r[f], x3[f], y3[f], m3[f], a3[f], moved)
+        if not kept:
             break
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
