@@ -141,12 +141,13 @@ class ForwardModelMeasure:
             nothing else), None (none), a `Prior`, or "catalog": `catalog_prior` of the
             embedded default CatSim catalog as the batch's survey sees it (computed once per
             survey), with `SERSIC_INDEX_PRIOR` for model="sersic".
-        split_sources, merge_sources: `fit_blends`'s model comparisons (a galaxy split in
-            two, or two merged into one, when the likelihood says so).
+        split_sources, merge_sources, move_sources: `fit_blends`'s model comparisons (a
+            galaxy split in two, two merged into one, or a piece of a galaxy moved to a
+            neighbour the detection missed, when the likelihood says so).
         start_hlr: `fit_blends`'s compact start (arcsec; None: the moments' shapes).
 
     The defaults (a free-index Sersic profile with a prior on the index, coadd detection,
-    splits, merges, compact start) are the setup
+    splits, merges and moves, compact start) are the setup
     chosen on the tuning seeds of ``benchmarks/bench_deblend.py`` and reported on others in
     the README; ``model="exponential", detection="sep", split_sources=False,
     merge_sources=False, start_hlr=None`` is the earlier default (exponential profiles on
@@ -168,7 +169,8 @@ class ForwardModelMeasure:
                  crop_margin: float = 3.2, errors: bool = True, add_sources: int = 2,
                  dtype=None, name: str = "forward_model", sep_kwargs=None,
                  detection: str = "coadd", prior="auto", split_sources: bool = True,
-                 merge_sources: bool = True, start_hlr: float | None = 0.1, **fit_kwargs):
+                 merge_sources: bool = True, move_sources: bool = True,
+                 start_hlr: float | None = 0.1, **fit_kwargs):
         if detection not in ("sep", "coadd"):
             raise ValueError(f"detection must be 'sep' or 'coadd', got {detection!r}.")
         self.detection = detection
@@ -208,7 +210,8 @@ class ForwardModelMeasure:
             sep_kwargs = dict(COADD_SEP_KWARGS) if detection == "coadd" else {}
         self.sep_kwargs = dict(sep_kwargs)
         self.fit_kwargs = {"split_sources": bool(split_sources),
-                           "merge_sources": bool(merge_sources), "start_hlr": start_hlr,
+                           "merge_sources": bool(merge_sources),
+                           "move_sources": bool(move_sources), "start_hlr": start_hlr,
                            **fit_kwargs}
         self._key = None
         self._cache = None
