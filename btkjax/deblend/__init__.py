@@ -27,7 +27,9 @@ Parameters are fitted in an unconstrained space:
 - half-light radius: ``exp(u)`` arcsec;
 - ellipticity: reduced shear ``g = G_MAX * 2 eta / (1 + sqrt(1 + 4 |eta|^2))``, smooth
   everywhere, ``g ~ eta`` near 0, ``|g| < G_MAX``;
-- Sersic index (``model="sersic"``): ``N_MIN + (N_MAX - N_MIN) sigmoid(u)``.
+- Sersic index (``model="sersic"``): ``N_MIN + (N_MAX - N_MIN) sigmoid(u)``;
+- bulge + disk (``model="bulge+disk"``): each band's bulge fraction ``sigmoid(u)``, the
+  bulge's half-light radius ``exp(u)`` arcsec (one centre and one shear for both).
 
 The default optimizer is optax's L-BFGS (backtracking line search; the loss and gradient it
 stores at the accepted point start the next step); Adam with a decaying schedule is the
@@ -130,6 +132,7 @@ from btkjax.deblend.errors import FisherErrors, fisher_errors
 from btkjax.deblend.fit import FitOutput, fit, fit_unrolled
 from btkjax.deblend.init import init_galaxies
 from btkjax.deblend.measure import (
+    BULGE_DISK_PRIOR,
     COADD_SEP_KWARGS,
     SERSIC_INDEX_PRIOR,
     ForwardModelMeasure,
@@ -216,7 +219,7 @@ __all__ = [
     "pad_detections",
     "fit_spec",
     "ForwardModelMeasure",
-    "SERSIC_INDEX_PRIOR",
+    "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR",
     "COADD_SEP_KWARGS",
     "coadd_detections",
     "Scarlet2Measure",

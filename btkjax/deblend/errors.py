@@ -11,7 +11,16 @@ import jax.numpy as jnp
 from btkjax.core.render import RenderSpec
 from btkjax.deblend.chunks import apply_chunked, map_blends
 from btkjax.deblend.fit import batch_inputs
-from btkjax.deblend.model import TRACES, Galaxies, Prior, check_spec, nll_terms, prior_term, render_one
+from btkjax.deblend.model import (
+    TRACES,
+    Galaxies,
+    Prior,
+    check_spec,
+    nll_terms,
+    prior_term,
+    render_one,
+    spec_model,
+)
 
 __all__ = ["FisherErrors", "fisher_errors"]
 
@@ -29,14 +38,22 @@ class FisherErrors(NamedTuple):
 
 
 def _pack(gal1: Galaxies):
-    """One blend's `Galaxies` -> [slot, 6 + band]: x, y, flux per band, hlr, g1, g2, n."""
-    return jnp.concatenate([gal1.x[:, None], gal1.y[:, None], gal1.flux, gal1.hlr[:, None],
-                            gal1.g1[:, None], gal1.g2[:, None], gal1.n[:, None]], axis=1)
+    """One blend's `Galaxies` -> [slot, 6 + band (+ band + 1)]: x, y, flux per band, hlr, g1,
+    g2, (the bulge fraction per band and the bulge's hlr, for "bulge+disk"), n (last: fitted
+    only by "sersic")."""
+    cols = [gal1.x[:, None], gal1.y[:, None], gal1.flux, gal1.hlr[:, None], gal1.g1[:, None],
+            gal1.g2[:, None]]
+    if gal1.bulge_frac is not None:
+        cols += [gal1.bulge_frac, gal1.bulge_hlr[:, None]]
+    return jnp.concatenate(cols + [gal1.n[:, None]], axis=1)
 
 
-def _unpack(v, n_band) -> Galaxies:
+def _unpack(v, n_band, bulge: bool = False) -> Galaxies:
+    k = 5 + n_band
     return Galaxies(x=v[:, 0], y=v[:, 1], flux=v[:, 2:2 + n_band], hlr=v[:, 2 + n_band],
-                    g1=v[:, 3 + n_band], g2=v[:, 4 + n_band], n=v[:, 5 + n_band])
+                    g1=v[:, 3 + n_band], g2=v[:, 4 + n_band], n=v[:, -1],
+                    bulge_frac=v[:, k:k + n_band] if bulge else None,
+                    bulge_hlr=v[:, k + n_band] if bulge else None)
 
 
 def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec, noise,
@@ -45,8 +62,9 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
     log-likelihood (+ prior) at ``gal1``; (errors as `Galaxies`, ok)."""
     n_slot, n_band = gal1.flux.shape
     dtype = gal1.hlr.dtype
-    width = 6 + n_band
-    n_free = width if spec.kinds[0] == "sersic" else width - 1  # n last: fitted or not
+    bulge = gal1.bulge_frac is not None
+    width = 6 + n_band + (n_band + 1 if bulge else 0)
+    n_free = width if spec_model(spec) == "sersic" else width - 1  # n last: fitted or not
     v0 = _pack(gal1)
     basis = jnp.eye(n_free, width, dtype=dtype)
 
@@ -66,7 +84,7 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
         return jax.lax.map(one_slot, jnp.arange(n_slot))
 
     def prior_of(v):
-        return prior_term(_unpack(v, n_band), mask1, prior)
+        return prior_term(_unpack(v, n_band, bulge), mask1, prior)
 
     size = n_slot * n_free
     if information == "expected":
@@ -76,7 +94,7 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
         # Poisson rate sky + model; sky + max(model, 0) for noise="chi2"). Forward mode only:
         # cheaper than forward over reverse, and the same matrix.
         def model(v):
-            return render_one(_unpack(v, n_band), mask1, psf_k, spec)
+            return render_one(_unpack(v, n_band, bulge), mask1, psf_k, spec)
 
         m0 = model(v0)
         s3 = sky[:, None, None]
@@ -89,7 +107,7 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
     else:
         # The Hessian of -log L (+ prior) on the data: forward over reverse, as jax.hessian.
         def nll(v):
-            g = _unpack(v, n_band)
+            g = _unpack(v, n_band, bulge)
             m = render_one(g, mask1, psf_k, spec)
             return nll_terms(m, image, sky, weight, noise).nll + prior_term(g, mask1, prior)
 
@@ -111,7 +129,7 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
     err = jnp.where(free & good, jnp.sqrt(jnp.where(good, var, 1.0)), jnp.nan)
     err = jnp.concatenate([err.reshape(n_slot, n_free),
                            jnp.full((n_slot, width - n_free), jnp.nan, dtype)], axis=1)
-    return _unpack(err, n_band), ok
+    return _unpack(err, n_band, bulge), ok
 
 
 @partial(jax.jit, static_argnames=("spec", "noise", "information"))

@@ -23,6 +23,7 @@ from btkjax.deblend.model import (
     nll_terms,
     prior_term,
     render_one,
+    spec_model,
     to_physical,
     to_unconstrained,
 )
@@ -189,7 +190,7 @@ def fit(params: Params, anchor_x, anchor_y, mask, images, psf_k, spec: RenderSpe
         psf_k: [band, Ry, Cx] or [blend, band, Ry, Cx].
         spec: the fit's static `RenderSpec` (one kind).
         sky: [band] or [blend, band] electrons per pixel.
-        model: component kind (default ``spec.kinds[0]``).
+        model: the model (default the spec's, `spec_model`).
         optimizer: "lbfgs" (default: optax.lbfgs with a backtracking line search; converges
             in ~30-80 steps to the optimum), "adam" (Adam with an exponential decay from
             ``learning_rate`` to ``learning_rate * final_ratio`` over ``max_steps``: cheaper
@@ -212,7 +213,7 @@ def fit(params: Params, anchor_x, anchor_y, mask, images, psf_k, spec: RenderSpe
     check_spec(spec)
     if noise not in ("poisson", "chi2"):
         raise ValueError(f"noise must be 'poisson' or 'chi2', got {noise!r}.")
-    model = spec.kinds[0] if model is None else model
+    model = spec_model(spec) if model is None else model
     images = jnp.asarray(images)
     dtype = images.dtype
     if rtol is None:
@@ -309,7 +310,7 @@ def fit_unrolled(init: Galaxies, anchor_x, anchor_y, mask, images, psf_k, spec: 
         (fitted `Galaxies`, losses [n_steps] of the summed batch loss at each step).
     """
     check_spec(spec)
-    model = spec.kinds[0]
+    model = spec_model(spec)
     dtype = images.dtype
     opt = _optimizer(optimizer, learning_rate, n_steps, final_ratio)
     if isinstance(optimizer, str) and optimizer == "lbfgs":

@@ -9,7 +9,17 @@ import jax
 import jax.numpy as jnp
 
 from btkjax.core.render import RenderSpec, render
-from btkjax.deblend.model import HLR_FLOOR_ARCSEC, TRACES, Galaxies, fixed_index, psf_images, to_sources
+from btkjax.deblend.model import (
+    BULGE_START_FRAC,
+    BULGE_START_RATIO,
+    HLR_FLOOR_ARCSEC,
+    TRACES,
+    Galaxies,
+    fixed_index,
+    psf_images,
+    spec_model,
+    to_sources,
+)
 
 __all__ = ["init_galaxies"]
 
@@ -76,7 +86,7 @@ def _split(det, weights):
 
 def _shape_from_moments(m_gal, spec: RenderSpec):
     """Intrinsic covariance [..., 2, 2] (pixels^2) -> (hlr arcsec, g1, g2), bounded."""
-    model = spec.kinds[0]
+    model = spec_model(spec)
     floor = (HLR_FLOOR_ARCSEC / spec.pixel_scale) ** 2 + 0.09  # (0.3 pixel)^2 at least
     mxx, myy, mxy = m_gal[..., 0, 0], m_gal[..., 1, 1], m_gal[..., 0, 1]
     tr = jnp.maximum(mxx + myy, 2 * floor)
@@ -150,7 +160,7 @@ def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: in
     """
     TRACES["init"] += 1
     dtype = images.dtype
-    model = spec.kinds[0]
+    model = spec_model(spec)
     n_band = images.shape[1]
     sky = jnp.asarray(sky, dtype)
     images = jnp.where(jnp.isfinite(images), images, 0.0)
@@ -168,10 +178,19 @@ def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: in
     cx, cy, m_obs = moments(jax.vmap(_split)(det, weights), x, y)
     m_gal = m_obs - m_psf  # exact for Gaussians; the refinements correct the rest
 
+    def bulge(hlr):
+        """A bulge+disk galaxy's start: `BULGE_START_FRAC` of each band in a bulge of
+        `BULGE_START_RATIO` times the disk's half-light radius."""
+        if model != "bulge+disk":
+            return {}
+        return {"bulge_frac": jnp.full(mask.shape + (n_band,), BULGE_START_FRAC, dtype),
+                "bulge_hlr": BULGE_START_RATIO * hlr}
+
     def unit_and_fluxes(m_gal, cx, cy):
         hlr, g1, g2 = _shape_from_moments(m_gal, spec)
         unit = Galaxies(x=jnp.where(mask, cx, x), y=jnp.where(mask, cy, y),
-                        flux=jnp.ones(mask.shape + (n_band,), dtype), hlr=hlr, g1=g1, g2=g2, n=n)
+                        flux=jnp.ones(mask.shape + (n_band,), dtype), hlr=hlr, g1=g1, g2=g2, n=n,
+                        **bulge(hlr))
         flux, iso = _linear_fluxes(unit, mask, images, psf_k, spec, sky)
         return unit._replace(flux=flux), iso
 
@@ -188,7 +207,7 @@ def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: in
 
     # n_refine + 1 passes, the last one's refinement unused: one copy of the code to compile
     gal0 = Galaxies(x=x, y=y, flux=jnp.ones(mask.shape + (n_band,), dtype), hlr=x, g1=x, g2=x,
-                    n=n)
+                    n=n, **bulge(x))
     gal = jax.lax.fori_loop(0, n_refine + 1, refine, (m_gal, cx, cy, gal0))[3]
     if start_hlr is not None:
         # the brightest galaxy of each blend keeps its moments' shape (they are mostly its own)
@@ -196,4 +215,6 @@ def init_galaxies(images, x, y, mask, psf_k, spec: RenderSpec, sky, n_refine: in
         compact = mask & (total < jnp.max(total, axis=-1, keepdims=True))
         gal = gal._replace(hlr=jnp.where(compact, jnp.minimum(gal.hlr, start_hlr), gal.hlr),
                            g1=jnp.where(compact, 0.0, gal.g1), g2=jnp.where(compact, 0.0, gal.g2))
+        if model == "bulge+disk":
+            gal = gal._replace(bulge_hlr=BULGE_START_RATIO * gal.hlr)
     return gal

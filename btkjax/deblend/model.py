@@ -2,8 +2,10 @@
 
 Each galaxy is one elliptical profile (exponential by default, or Sersic of free index) with a
 position, a flux per band, a half-light radius and a reduced-shear ellipticity, convolved with
-the band's PSF by `btkjax.core.render.render`. See `btkjax.deblend` for the likelihood and the
-unconstrained parameterization.
+the band's PSF by `btkjax.core.render.render`; or, for ``model="bulge+disk"``, an exponential
+disk and a de Vaucouleurs bulge with one centre and one ellipticity, each band's flux shared
+between them by a bulge fraction of its own, the bulge of its own half-light radius. See
+`btkjax.deblend` for the likelihood and the unconstrained parameterization.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ __all__ = [
     "STATUS_CONVERGED", "STATUS_MAX_STEPS", "STATUS_NO_DETECTIONS", "STATUS_OUTSIDE_STAMP",
     "STATUS_NONFINITE", "STATUS_TOO_MANY", "STATUS_BAD_ERRORS", "STATUS_ADDED",
     "to_physical", "to_unconstrained", "to_sources", "fit_spec", "check_spec", "fixed_index",
+    "spec_model", "n_params", "MODEL_KINDS",
     "render_one", "NLLTerms", "nll_terms", "prior_term", "neg_log_likelihood", "psf_images", "model_images",
     "trace_count", "TRACES",
 ]
 
-MODELS = ("exponential", "sersic", "devaucouleurs", "gaussian")
+MODELS = ("exponential", "sersic", "devaucouleurs", "gaussian", "bulge+disk")
+# the renderer's component kinds of each model (one per component axis of `Sources`)
+MODEL_KINDS = {m: (m,) for m in MODELS[:-1]} | {"bulge+disk": ("exponential", "devaucouleurs")}
 
 # Status bit flags, per blend (0 = converged, nothing to report).
 STATUS_CONVERGED = 0
@@ -44,6 +49,10 @@ STATUS_ADDED = 64  # galaxies missed by the detection were added from the residu
 G_MAX = 0.95  # largest fitted |g| (q = 0.026)
 N_MIN, N_MAX = 0.5, 6.0  # Sersic index range (inside btkjax.profiles' table, 0.3 .. 6.2)
 HLR_FLOOR_ARCSEC = 0.02
+# a bulge+disk galaxy's start (`init_galaxies`): this fraction of each band's flux in a bulge of
+# this ratio of the disk's half-light radius
+BULGE_START_FRAC = 0.2
+BULGE_START_RATIO = 0.5
 # The fit evaluates PSF x pixel out to where it falls below this fraction of its k=0 value
 # (the renderer's default, MAXK_THRESHOLD = 1e-7, is for 2e-5-of-peak images): light beyond it
 # is < 1e-4 of the flux, below the noise of any blend worth deblending, and the grid is smaller.
@@ -69,7 +78,11 @@ class Galaxies(NamedTuple):
         hlr: [blend, slot] half-light radius in arcsec (circularized: area preserving shear).
         g1: [blend, slot] reduced shear, |g| = (1 - q) / (1 + q).
         g2: [blend, slot]
-        n: [blend, slot] Sersic index (the model's fixed index for non-Sersic models).
+        n: [blend, slot] Sersic index (the model's fixed index for non-Sersic models; the
+            disk's, 1, for "bulge+disk").
+        bulge_frac: [blend, slot, band] the bulge's fraction of each band's flux
+            (``model="bulge+disk"``; None for one-profile models). ``hlr`` is then the disk's.
+        bulge_hlr: [blend, slot] the bulge's half-light radius in arcsec ("bulge+disk").
     """
 
     x: jax.Array
@@ -79,6 +92,8 @@ class Galaxies(NamedTuple):
     g1: jax.Array
     g2: jax.Array
     n: jax.Array
+    bulge_frac: jax.Array | None = None
+    bulge_hlr: jax.Array | None = None
 
 
 class Params(NamedTuple):
@@ -89,6 +104,8 @@ class Params(NamedTuple):
     log_hlr: jax.Array  # [..., slot]
     eta: jax.Array  # [..., slot, 2]
     n_logit: jax.Array  # [..., slot]
+    bulge_logit: jax.Array | None = None  # [..., slot, band] ("bulge+disk")
+    log_bulge_hlr: jax.Array | None = None  # [..., slot] ("bulge+disk")
 
 
 class Prior(NamedTuple):
@@ -101,6 +118,10 @@ class Prior(NamedTuple):
     Ellipticity: each reduced-shear component ``g1``, ``g2`` ~ N(0, ``g_width``).
     Sersic index (``model="sersic"``): ``n ~ N(n_mean, n_width)``; bright galaxies' data
     outweigh it, faint ones stay near ``n_mean`` (a model of fixed index has no term).
+    Bulge + disk (``model="bulge+disk"``): each band's logit of the bulge fraction
+    ``~ N(bulge_logit_mean, bulge_logit_width)`` and ``ln(bulge_hlr / hlr) ~
+    N(log_bulge_ratio_mean, log_bulge_ratio_width)``; a faint galaxy's bulge is not measured
+    and these keep its fit (and its Fisher matrix) well defined (`BULGE_DISK_PRIOR`).
 
     Traced leaves: differentiable (see the module docstring's learning example).
     """
@@ -112,6 +133,10 @@ class Prior(NamedTuple):
     g_width: jax.Array | float = math.inf
     n_mean: jax.Array | float = 1.0
     n_width: jax.Array | float = math.inf
+    bulge_logit_mean: jax.Array | float = 0.0
+    bulge_logit_width: jax.Array | float = math.inf
+    log_bulge_ratio_mean: jax.Array | float = 0.0
+    log_bulge_ratio_width: jax.Array | float = math.inf
 
     def astype(self, dtype) -> Prior:
         """The prior with every leaf a ``dtype`` array (what the jitted fits take)."""
@@ -153,10 +178,18 @@ class FitResult(NamedTuple):
 
 def fixed_index(model: str) -> float:
     """The Sersic index of a fitted model of fixed shape (the kind's, from the registry
-    `btkjax.core.kinds`; a Gaussian is a Sersic profile of index 0.5), and the starting index
-    of a free-index Sersic fit."""
+    `btkjax.core.kinds`; a Gaussian is a Sersic profile of index 0.5), the starting index
+    of a free-index Sersic fit, and the disk's of "bulge+disk"."""
+    if model in ("sersic", "bulge+disk"):
+        return 1.0
     n = get_kind(model).sersic_index
-    return float(n) if n is not None else {"gaussian": 0.5, "sersic": 1.0}[model]
+    return float(n) if n is not None else {"gaussian": 0.5}[model]
+
+
+def n_params(model: str, n_band: int) -> int:
+    """Free parameters of one galaxy of ``model`` (position, fluxes, size, shear, and the
+    index or the bulge's fractions and size)."""
+    return 5 + n_band + {"sersic": 1, "bulge+disk": n_band + 1}.get(model, 0)
 
 
 def _g_from_eta(eta):
@@ -180,9 +213,12 @@ def to_physical(params: Params, anchor_x, anchor_y, model: str = "exponential",
         n = N_MIN + (N_MAX - N_MIN) * jax.nn.sigmoid(params.n_logit)
     else:
         n = jnp.full_like(params.log_hlr, fixed_index(model))
+    bulge = model == "bulge+disk"
     return Galaxies(
         x=anchor_x + off[..., 0], y=anchor_y + off[..., 1], flux=jnp.exp(params.log_flux),
         hlr=jnp.exp(params.log_hlr), g1=g[..., 0], g2=g[..., 1], n=n,
+        bulge_frac=jax.nn.sigmoid(params.bulge_logit) if bulge else None,
+        bulge_hlr=jnp.exp(params.log_bulge_hlr) if bulge else None,
     )
 
 
@@ -199,34 +235,54 @@ def to_unconstrained(gal: Galaxies, anchor_x, anchor_y, model: str = "exponentia
     g = g * jnp.minimum(1.0, 0.999 * G_MAX / jnp.maximum(gnorm, 1e-30))
     frac = jnp.clip((gal.n - N_MIN) / (N_MAX - N_MIN), 1e-3, 1 - 1e-3)
     n_logit = jnp.log(frac) - jnp.log1p(-frac) if model == "sersic" else jnp.zeros_like(gal.hlr)
+    bulge_logit = log_bulge_hlr = None
+    if model == "bulge+disk":
+        if gal.bulge_frac is None or gal.bulge_hlr is None:
+            raise ValueError("model='bulge+disk' needs Galaxies with bulge_frac and bulge_hlr.")
+        bf = jnp.clip(gal.bulge_frac, 1e-6, 1 - 1e-6)
+        bulge_logit = (jnp.log(bf) - jnp.log1p(-bf)).astype(dtype)
+        log_bulge_hlr = jnp.log(gal.bulge_hlr).astype(dtype)
     return Params(
         shift=max_offset * jnp.arctanh(off / max_offset),
         log_flux=jnp.log(gal.flux),
         log_hlr=jnp.log(gal.hlr),
         eta=_eta_from_g(g),
         n_logit=n_logit.astype(dtype),
+        bulge_logit=bulge_logit,
+        log_bulge_hlr=log_bulge_hlr,
     )
 
 
 def to_sources(gal: Galaxies, mask, spec: RenderSpec) -> Sources:
-    """`Galaxies` -> renderer `Sources` (one component of kind ``spec.kinds[0]``)."""
+    """`Galaxies` -> renderer `Sources`: one component of kind ``spec.kinds[0]``, or for
+    "bulge+disk" the disk and the bulge (one centre, one shear)."""
     s = spec.stamp_pixels
     c = (s - 1) / 2
-    ones = jnp.ones_like(gal.hlr)
+    if gal.bulge_frac is not None:
+        flux = jnp.stack([gal.flux * (1 - gal.bulge_frac), gal.flux * gal.bulge_frac], -1)
+        hlr = jnp.stack([gal.hlr, gal.bulge_hlr], -1)
+        n = jnp.stack([gal.n, jnp.full_like(gal.n, 4.0)], -1)
+    else:
+        flux, hlr, n = gal.flux[..., None], gal.hlr[..., None], gal.n[..., None]
     return Sources(
-        flux=gal.flux[..., None], hlr=gal.hlr[..., None], q=ones[..., None],
-        beta=jnp.zeros_like(gal.hlr)[..., None], n=gal.n[..., None],
+        flux=flux, hlr=hlr, q=jnp.ones_like(hlr), beta=jnp.zeros_like(hlr), n=n,
         dx=(gal.x - c) * spec.pixel_scale, dy=(gal.y - c) * spec.pixel_scale,
         rotation=jnp.zeros_like(gal.hlr), g1=gal.g1, g2=gal.g2, mask=mask,
     )
 
 
+def spec_model(spec: RenderSpec) -> str:
+    """The deblender's model that ``spec`` renders (checked by `check_spec`)."""
+    check_spec(spec)
+    return next(m for m, kinds in MODEL_KINDS.items() if tuple(spec.kinds) == kinds)
+
+
 def check_spec(spec: RenderSpec):
-    if len(spec.kinds) != 1 or spec.kinds[0] not in MODELS:
+    if tuple(spec.kinds) not in MODEL_KINDS.values():
         raise ValueError(
-            f"The fit's RenderSpec must have one component kind among {MODELS}, got "
-            f"{spec.kinds}; build it with btkjax.deblend.fit_spec or make_render_spec(..., "
-            "kinds=('exponential',))."
+            f"The fit's RenderSpec must render one of the models {MODELS} (component kinds "
+            f"{tuple(MODEL_KINDS.values())}), got {spec.kinds}; build it with "
+            "btkjax.deblend.fit_spec or make_render_spec(..., kinds=('exponential',))."
         )
 
 
@@ -236,7 +292,7 @@ def fit_spec(stamp_pixels: int, pixel_scale: float, psfs, model: str = "exponent
     farther than the pad beyond the stamp's edge wraps around) and a loose maxk threshold."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
-    return make_render_spec(stamp_pixels, pixel_scale, psfs, kinds=(model,),
+    return make_render_spec(stamp_pixels, pixel_scale, psfs, kinds=MODEL_KINDS[model],
                             fft_size=good_fft_size(stamp_pixels + pad_pixels),
                             maxk_threshold=maxk_threshold)
 
@@ -286,7 +342,15 @@ def prior_term(gal1: Galaxies, mask1, prior: Prior):
     z = (jnp.log(gal1.hlr) - mean) / prior.log_hlr_width
     zg2 = (gal1.g1 ** 2 + gal1.g2 ** 2) / prior.g_width ** 2
     zn = (gal1.n - prior.n_mean) / prior.n_width
-    return 0.5 * jnp.sum(jnp.where(mask1, z * z + zg2 + zn * zn, 0.0))
+    terms = z * z + zg2 + zn * zn
+    if gal1.bulge_frac is not None:
+        bf = jnp.clip(gal1.bulge_frac, 1e-30, 1.0)
+        zb = (jnp.log(bf) - jnp.log1p(-jnp.minimum(bf, 1 - 1e-7)) - prior.bulge_logit_mean) / \
+            prior.bulge_logit_width
+        zr = (jnp.log(gal1.bulge_hlr / gal1.hlr) - prior.log_bulge_ratio_mean) / \
+            prior.log_bulge_ratio_width
+        terms = terms + jnp.sum(zb * zb, axis=-1) + zr * zr
+    return 0.5 * jnp.sum(jnp.where(mask1, terms, 0.0))
 
 
 def neg_log_likelihood(gal: Galaxies, mask, images, psf_k, spec: RenderSpec, sky,

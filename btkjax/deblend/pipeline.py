@@ -22,6 +22,8 @@ from btkjax.deblend.model import (
     FitResult,
     Galaxies,
     check_spec,
+    n_params,
+    spec_model,
 )
 from btkjax.deblend.residual import merge_candidates, residual_peaks, split_candidates
 
@@ -189,7 +191,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     x = np.where(mask, x, (s - 1) / 2)
     y = np.where(mask, y, (s - 1) / 2)
     dtype = images.dtype
-    model = spec.kinds[0]
+    model = spec_model(spec)
     max_offset = float(fit_kwargs.get("max_offset", 4.0))
     chunk = check_chunk(chunk)
     ax, ay = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
@@ -205,7 +207,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     status, n_steps, loss, chi2 = out.status, out.n_steps, out.loss, out.chi2
     galaxies = to_physical_batch(out.params, ax, ay, chunk, model, max_offset)
     added = np.zeros(mask.shape, bool)
-    n_par_one = 5 + n_band + (model == "sersic")
+    n_par_one = n_params(model, n_band)
 
     def refit(redo, x2, y2, m2):
         """Fits blends ``redo`` again from the detections (x2, y2, m2): (output of `fit`,
