@@ -1,15 +1,14 @@
 """Forward-model deblender: recovery, Cramer-Rao pulls, bad inputs, traces, learning, BTK glue."""
 
-import galsim
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from deblend_scene import fit_scene
 
 from btkjax import deblend as D
 from btkjax.noise import add_noise
-from btkjax.render import psf_kimage_from_galsim
 from btkjax.tolerances import (
     DEBLEND_ERRORS_CRB_MEDIAN_RTOL,
     DEBLEND_ERRORS_CRB_SPREAD_RTOL,
@@ -24,16 +23,12 @@ from btkjax.tolerances import (
 pytestmark = pytest.mark.float64  # parity with GalSim / finite differences in float64
 
 S = 24
-PIXEL = 0.2
 SKY = np.array([400.0, 600.0])
 
 
 @pytest.fixture(scope="module")
 def setup():
-    psfs = [galsim.Kolmogorov(fwhm=0.7), galsim.Kolmogorov(fwhm=0.8)]
-    spec = D.fit_spec(S, PIXEL, psfs, "exponential")
-    psf_k = jnp.asarray(np.stack([psf_kimage_from_galsim(p, spec) for p in psfs]))
-    return spec, psf_k
+    return fit_scene(S)
 
 
 def _pair(scale=1.0):

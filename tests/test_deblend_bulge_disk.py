@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from deblend_scene import PIXEL, PSFS, fit_scene
 
 import btkjax
 from btkjax import deblend as D
 from btkjax.galsim_backend import tight_gsparams
-from btkjax.render import psf_kimage_from_galsim
 from btkjax.tolerances import (
     DEBLEND_ERRORS_HESSIAN_RTOL,
     DEBLEND_NOISELESS_RTOL,
@@ -21,16 +21,13 @@ from btkjax.tolerances import (
 
 pytestmark = pytest.mark.float64
 
-PIXEL = 0.2
 SKY = np.array([1200.0, 1800.0])
-PSFS = [galsim.Kolmogorov(fwhm=0.7), galsim.Kolmogorov(fwhm=0.8)]
 TRUTH = dict(x=19.0, y=20.5, flux=(2e5, 3e5), hlr=0.8, g1=0.2, g2=-0.1, bulge_frac=(0.2, 0.4),
              bulge_hlr=0.25)
 
 
 def _spec(s, **kw):
-    spec = D.fit_spec(s, PIXEL, PSFS, "bulge+disk", **kw)
-    return spec, jnp.asarray(np.stack([psf_kimage_from_galsim(p, spec) for p in PSFS]))
+    return fit_scene(s, "bulge+disk", **kw)
 
 
 def _galaxies(t, slots=1):

@@ -6,23 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from deblend_scene import PIXEL, fit_scene
 
 from btkjax import deblend as D
-from btkjax.render import psf_kimage_from_galsim
 from btkjax.tolerances import DEBLEND_NOISELESS_RTOL
 
 S = 24
 FLUX_B = 1600.0
-PIXEL = 0.2
 SKY = np.array([400.0, 600.0])
 
 
 @pytest.fixture(scope="module")
 def setup():
-    psfs = [galsim.Kolmogorov(fwhm=0.7), galsim.Kolmogorov(fwhm=0.8)]
-    spec = D.fit_spec(S, PIXEL, psfs, "exponential")
-    psf_k = jnp.asarray(np.stack([psf_kimage_from_galsim(p, spec) for p in psfs]))
-    return spec, psf_k
+    return fit_scene(S)
 
 
 def _gal(x, y, flux):

@@ -1,26 +1,22 @@
 """The deblender's catalog priors, compact start and model comparison by merging."""
 
-import galsim
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from astropy.table import Table
+from deblend_scene import PIXEL, fit_scene
 
 import btkjax
 from btkjax import deblend as D
-from btkjax.render import psf_kimage_from_galsim
 from btkjax.tolerances import DEBLEND_NOISELESS_RTOL, F64_SAME_ATOL, F64_SAME_RTOL
 
 pytestmark = pytest.mark.float64
 
-PIXEL = 0.2
 SKY = np.array([1200.0, 1800.0])
 
 
 def _spec(s):
-    psfs = [galsim.Kolmogorov(fwhm=0.7), galsim.Kolmogorov(fwhm=0.8)]
-    spec = D.fit_spec(s, PIXEL, psfs, "exponential")
-    return spec, jnp.asarray(np.stack([psf_kimage_from_galsim(p, spec) for p in psfs]))
+    return fit_scene(s)
 
 
 def _g(q, beta):
