@@ -17,6 +17,7 @@ from btkjax.tolerances import (
     F64_SAME_RTOL,
     IMAGE_RTOL_PEAK_F64,
     MAXK_THRESHOLD,
+    ROUNDED_HALF_UNIT,
 )
 
 pytestmark = pytest.mark.float64
@@ -123,9 +124,10 @@ def test_bulge_disk_prior_term_and_the_catalog_it_comes_from():
     lg = np.log(frac / (1 - frac))
     area_b = np.asarray(table["a_b"] * table["b_b"])[both]
     lr = 0.5 * np.log(area_b / np.asarray(table["a_d"] * table["b_d"])[both])
-    assert p.bulge_logit_mean == pytest.approx(lg.mean(), abs=0.05)
-    assert p.bulge_logit_width == pytest.approx(lg.std(), abs=0.05)
-    assert p.log_bulge_ratio_mean == pytest.approx(np.median(lr), abs=0.005)
-    assert p.log_bulge_ratio_width == pytest.approx(lr.std(), abs=0.005)
+    one, two = ROUNDED_HALF_UNIT * 0.1, ROUNDED_HALF_UNIT * 0.01  # quoted to 1 and 2 decimals
+    assert p.bulge_logit_mean == pytest.approx(lg.mean(), abs=one)
+    assert p.bulge_logit_width == pytest.approx(lg.std(), abs=one)
+    assert p.log_bulge_ratio_mean == pytest.approx(np.median(lr), abs=two)
+    assert p.log_bulge_ratio_width == pytest.approx(lr.std(), abs=two)
     fm = D.ForwardModelMeasure(model="bulge+disk")
     assert fm.resolve_prior(btkjax.survey.get_surveys("LSST")) == p

@@ -30,7 +30,8 @@ def test_outputs_fluxes_and_isolated_sum(catsim_sample):
     assert images.shape == (6, 6, 120, 120) and iso.shape == (6, 3, 6, 120, 120)
     assert len(tables) == 6 and batch["psf_images"].shape == (6, 120, 120)
     # the blend image is the sum of the isolated images (float32 rounding of a 3-term sum)
-    np.testing.assert_allclose(iso.sum(axis=1), images, atol=4e-7 * np.abs(images).max())
+    np.testing.assert_allclose(iso.sum(axis=1), images,
+                               atol=tol.F32_SAME_RTOL * np.abs(images).max())
     for b, table in enumerate(tables):
         assert 1 <= len(table) <= 3
         assert np.all(iso[b, len(table):] == 0)
@@ -39,8 +40,10 @@ def test_outputs_fluxes_and_isolated_sum(catsim_sample):
                                                      band).value
             np.testing.assert_array_equal(table[f"{band}_flux"], expected)
         # x_peak, y_peak: the stamp center (59.5, 59.5) plus the shift in pixels
-        np.testing.assert_allclose(table["x_peak"], 59.5 + table["ra"] / 0.2, atol=1e-6)
-        np.testing.assert_allclose(table["y_peak"], 59.5 + table["dec"] / 0.2, atol=1e-6)
+        np.testing.assert_allclose(table["x_peak"], 59.5 + table["ra"] / 0.2,
+                                   atol=tol.PIXEL_ATOL)
+        np.testing.assert_allclose(table["y_peak"], 59.5 + table["dec"] / 0.2,
+                                   atol=tol.PIXEL_ATOL)
         # each galaxy's image holds its flux (minus the light beyond the stamp)
         for g in range(len(table)):
             total = iso[b, g, 3].sum()
@@ -118,14 +121,15 @@ def test_multi_survey_shapes_scales_and_fluxes():
             expected = galcheat.utilities.mag2counts(np.array(table[f"{band}_ab"]), name, band)
             np.testing.assert_array_equal(table[f"{band}_flux"], expected.value)
             np.testing.assert_allclose(table["x_peak"], (n_pix - 1) / 2 + table["ra"] / scale,
-                                       atol=1e-6)
+                                       atol=tol.PIXEL_ATOL)
     # same galaxies, same total light in each survey's i-like band, up to light off the stamp
     lsst_i = batch["isolated_images"]["LSST"][:, :, 3].sum(axis=(-1, -2))
     hsc_i = batch["isolated_images"]["HSC"][:, :, 2].sum(axis=(-1, -2))
     ratio = np.array([galcheat.utilities.mag2counts(20.0, "HSC", "i").value /
                       galcheat.utilities.mag2counts(20.0, "LSST", "i").value])
     mask = lsst_i > 0
-    np.testing.assert_allclose(hsc_i[mask] / lsst_i[mask], ratio[0], rtol=0.03)
+    np.testing.assert_allclose(hsc_i[mask] / lsst_i[mask], ratio[0],
+                               rtol=tol.SURVEY_I_BAND_RATIO_RTOL)
 
 
 def test_channels_last_and_shear_and_augment(catsim_sample):

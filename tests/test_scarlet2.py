@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from btkjax.deblend import Scarlet2Measure, odd_psf_images
-from btkjax.tolerances import SCARLET2_ISOLATED_FLUX_RTOL
+from btkjax.tolerances import F64_SAME_RTOL, SCARLET2_ISOLATED_FLUX_RTOL
 
 PIXEL = 0.2
 SKY = np.array([400.0, 600.0])
@@ -17,7 +17,7 @@ def test_odd_psf_images_are_centred_on_a_pixel():
     assert img.shape == (2, 25, 25)
     yy, xx = np.mgrid[0:25, 0:25]
     for band in img:
-        np.testing.assert_allclose(band.sum(), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(band.sum(), 1.0, rtol=F64_SAME_RTOL)
         # first moments at the central pixel (12, 12): a symmetric PSF drawn centred there
         assert abs((band * xx).sum() - 12) < 1e-6 and abs((band * yy).sum() - 12) < 1e-6
     with pytest.raises(ValueError, match="odd"):
