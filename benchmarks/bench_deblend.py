@@ -14,7 +14,8 @@ Methods (SEP and scarlet2 from SEP's detections in the i band, `sep_singleband_m
   per galaxy with a prior on the index, its own detection (SEP on the SED-weighted multi-band
   coadd with finer deblending, `btkjax.deblend.coadd_detections`), a compact start, the joint
   fit, galaxies missed added from the multi-band residual, and model comparison both ways (a
-  galaxy split in two, two merged into one, when the likelihood says so);
+  galaxy split in two, two merged into one, or the fainter of the two moved to the merged
+  fit's residual peak, when the likelihood says so);
 - ``btkjax_exp``: the same with exponential profiles (``--variant``, ``--variant-name``);
 - ``scarlet2``: `btkjax.deblend.Scarlet2Measure` (scarlet2 0.5.1 as documented) on the first
   ``--scarlet2-per-batch`` blends of each batch (it takes seconds to minutes per blend), so the
