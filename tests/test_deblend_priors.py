@@ -178,6 +178,25 @@ def test_merge_removes_a_spurious_piece_and_keeps_a_real_pair():
     assert cand.separation[1] == pytest.approx(6 / 4.5, rel=DEBLEND_NOISELESS_RTOL)
 
 
+def test_merge_candidates_skip_the_pairs_tried():
+    """Three galaxies on a line, 1 and 3 pixels apart, hlr 1 pixel each: the closest pair is
+    (0, 1) at 1 / 2 sums of half-light radii, the fainter (1) is proposed with 0 as its
+    partner; with that pair excluded the next is (1, 2) at 3 / 2, proposed only under a
+    threshold above it."""
+    gal = D.Galaxies(x=jnp.array([[10.0, 11.0, 14.0]]), y=jnp.full((1, 3), 10.0),
+                     flux=jnp.array([[[5.0], [2.0], [3.0]]]), hlr=jnp.full((1, 3), PIXEL),
+                     g1=jnp.zeros((1, 3)), g2=jnp.zeros((1, 3)), n=jnp.ones((1, 3)))
+    mask = np.ones((1, 3), bool)
+    cand = D.merge_candidates(gal, mask, PIXEL)
+    assert (cand.slot[0], cand.partner[0]) == (1, 0)
+    assert cand.separation[0] == pytest.approx(0.5, rel=F64_SAME_RTOL)
+    tried = np.zeros((1, 3, 3), bool)
+    tried[0, 1, 0] = True
+    assert D.merge_candidates(gal, mask, PIXEL, exclude=tried).slot[0] == -1  # 1.5 is not < 1.5
+    nxt = D.merge_candidates(gal, mask, PIXEL, exclude=tried, max_separation=2.0)
+    assert (nxt.slot[0], nxt.partner[0]) == (1, 2)
+    assert nxt.separation[0] == pytest.approx(1.5, rel=F64_SAME_RTOL)
+
 def test_move_frees_a_piece_for_the_undetected_neighbour():
     """A bright galaxy detected twice, 1.2 pixels apart, and a faint neighbour 6 pixels away
     not detected at all (noiseless). Merging the piece loses the neighbour's light (-log L

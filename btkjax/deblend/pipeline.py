@@ -119,7 +119,9 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             fainter of the two fitted galaxies closest in units of their half-light radii
             (`merge_candidates`, closer than ``merge_max_separation``) is removed and the blend
             fitted again; the fit with one galaxy fewer is kept unless -log L rises by more
-            than that galaxy's parameters (Akaike). ``merge_rounds`` rounds at most.
+            than that galaxy's parameters (Akaike). ``merge_rounds`` rounds at most: each
+            proposes in each blend the closest pair not proposed since the blend last changed
+            (it stops early when no pair is left).
         move_sources: with ``merge_sources``, a third model of each merge candidate's blend:
             the galaxy moved instead of removed, to the most significant peak of the merged
             fit's residual (`residual_peaks`, ``residual_kwargs``), and the blend fitted again;
@@ -283,18 +285,23 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, new] = a2[r, new] = True
         if not attempt(redo, x2, y2, m2, a2, np.ones(len(redo))):
             break
+    tried = np.zeros(mask.shape + mask.shape[1:], bool)  # [blend, slot, slot] pairs proposed
     for _ in range(int(merge_rounds) if merge_sources else 0):
         cand = merge_candidates(galaxies, mask, spec.pixel_scale,
-                                max_separation=float(merge_max_separation))
+                                max_separation=float(merge_max_separation), exclude=tried)
         redo = np.flatnonzero(cand.slot >= 0)
         if not len(redo):
             break
+        tried[redo, cand.slot[redo], cand.partner[redo]] = True
         x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
         rows, slots = np.arange(len(redo)), cand.slot[redo]
         m2[rows, slots] = a2[rows, slots] = False
         if not move_sources:
-            if not attempt(redo, x2, y2, m2, a2, -np.ones(len(redo))):
-                break
+            merged = refit(redo, x2, y2, m2)
+            lm = np.asarray(merged[0].loss)
+            take_m = np.isfinite(lm) & (lm < np.asarray(loss)[redo] + n_par_one)
+            keep(redo, take_m, x2, y2, m2, a2, merged)
+            tried[redo[take_m]] = False  # a new configuration: every pair may be proposed
             continue
         # Akaike among three models of each blend: as it is, merged (one galaxy fewer), and
         # moved (the merged fit's most significant residual peak in the freed slot)
@@ -319,11 +326,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             aic_moved[f] = np.where(np.isfinite(lm), lm, np.inf)
         take_m = (aic_merged < aic_old) & (aic_merged <= aic_moved)
         take_r = (aic_moved < aic_old) & (aic_moved < aic_merged)
-        kept = keep(redo, take_m, x2, y2, m2, a2, merged)
+        keep(redo, take_m, x2, y2, m2, a2, merged)
         if moved is not None:
-            kept |= keep(redo[f], take_r[f], x3[f], y3[f], m3[f], a3[f], moved)
-        if not kept:
-            break
+            keep(redo[f], take_r[f], x3[f], y3[f], m3[f], a3[f], moved)
+        tried[redo[take_m | take_r]] = False
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
                                    | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)

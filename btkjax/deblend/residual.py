@@ -204,21 +204,24 @@ def split_candidates(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, 
 
 
 class MergeCandidates(NamedTuple):
-    """What `merge_candidates` returns, per blend (numpy): the slot to remove (-1: none) and
-    its separation from the galaxy it overlaps, in units of the sum of their half-light radii."""
+    """What `merge_candidates` returns, per blend (numpy): the slot to remove (-1: none), its
+    separation from the galaxy it overlaps, in units of the sum of their half-light radii, and
+    that galaxy's slot (``partner``)."""
 
     slot: np.ndarray
     separation: np.ndarray
+    partner: np.ndarray | None = None
 
 
 def merge_candidates(galaxies: Galaxies, mask, pixel_scale: float, *,
-                     max_separation: float = 1.5) -> MergeCandidates:
+                     max_separation: float = 1.5, exclude=None) -> MergeCandidates:
     """Which fitted galaxy of each blend may be a piece of a neighbour: of the pair of galaxies
     closest in units of the sum of their half-light radii (PSF-free sizes, at least one pixel
     each), when closer than ``max_separation``, the one with less flux summed over bands. An
     over-split detection (a bright galaxy's wing or a residual of its model taken for a source)
     leaves such a pair after the fit; `fit_blends`'s ``merge_sources`` refits without it and
-    keeps the fit with fewer galaxies unless -log L rises by more than its parameters."""
+    keeps the fit with fewer galaxies unless -log L rises by more than its parameters.
+    ``exclude``: optional [blend, slot, slot] bool, pairs not to propose (tried already)."""
     mask = np.asarray(mask, bool)
     x, y = np.asarray(galaxies.x, float), np.asarray(galaxies.y, float)
     r = np.maximum(np.asarray(galaxies.hlr, float) / pixel_scale, 1.0)
@@ -226,11 +229,16 @@ def merge_candidates(galaxies: Galaxies, mask, pixel_scale: float, *,
     sep = np.hypot(x[:, :, None] - x[:, None, :], y[:, :, None] - y[:, None, :]) / (
         r[:, :, None] + r[:, None, :])
     pair = mask[:, :, None] & mask[:, None, :] & ~np.eye(mask.shape[1], dtype=bool)[None]
+    if exclude is not None:
+        exclude = np.asarray(exclude, bool)
+        pair &= ~(exclude | np.swapaxes(exclude, 1, 2))
     sep = np.where(pair, sep, np.inf)
     flat = sep.reshape(len(sep), -1).argmin(axis=1)
     i, j = np.unravel_index(flat, sep.shape[1:])
     b = np.arange(len(sep))
     best = sep[b, i, j]
     drop = np.where(flux[b, i] <= flux[b, j], i, j)
-    slot = np.where(best < max_separation, drop, -1)
-    return MergeCandidates(slot=slot.astype(int), separation=best)
+    keep = np.where(flux[b, i] <= flux[b, j], j, i)
+    found = best < max_separation
+    return MergeCandidates(slot=np.where(found, drop, -1).astype(int), separation=best,
+                           partner=np.where(found, keep, -1).astype(int))
