@@ -195,6 +195,10 @@ STAMP_PSF_WING_LOSS_RTOL = 2e-3
 # from the ratio of the two zero points by the light off the stamps (different pixels and PSFs)
 # and by the galaxies' colours across the two bandpasses: ~1% measured; 3% bounds it.
 SURVEY_I_BAND_RATIO_RTOL = 0.03
+# A blend image against the sum of its isolated images, both float32: each addition of a
+# few-term sum rounds to half an ulp (6e-8 of the largest term), so a handful of terms stays
+# below 4e-7 of the peak.
+F32_FEW_TERM_SUM_RTOL = 4e-7
 # Constants the code quotes to a number of decimals (e.g. BULGE_DISK_PRIOR, from the embedded
 # catalog) match what they quote within half a unit of their last decimal.
 ROUNDED_HALF_UNIT = 0.5

@@ -32,9 +32,12 @@ __all__ = [
     "trace_count", "TRACES",
 ]
 
-MODELS = ("exponential", "sersic", "devaucouleurs", "gaussian", "bulge+disk")
-# the renderer's component kinds of each model (one per component axis of `Sources`)
-MODEL_KINDS = {m: (m,) for m in MODELS[:-1]} | {"bulge+disk": ("exponential", "devaucouleurs")}
+# the deblender's models: name -> the renderer's component kinds (one per component axis of
+# `Sources`)
+MODEL_KINDS = {"exponential": ("exponential",), "sersic": ("sersic",),
+               "devaucouleurs": ("devaucouleurs",), "gaussian": ("gaussian",),
+               "bulge+disk": ("exponential", "devaucouleurs")}
+MODELS = tuple(MODEL_KINDS)
 
 # Status bit flags, per blend (0 = converged, nothing to report).
 STATUS_CONVERGED = 0

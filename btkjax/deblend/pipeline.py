@@ -230,7 +230,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         out2, init2, gal2 = fitted
         k, kr = redo[keep_], np.flatnonzero(keep_)
         if not len(k):
-            return False
+            return
 
         def merge(a, b):  # on the host: eager scatters would compile for every len(k)
             a = np.array(a)
@@ -245,15 +245,16 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         mask[k], added[k] = m2[kr], a2[kr]
         x[k], y[k] = x2[kr], y2[kr]
         ax, ay, jmask = jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.asarray(mask)
-        return True
 
     def attempt(redo, x2, y2, m2, a2, n_new):
         """Refits blends ``redo`` from the detections (x2, y2, m2) and keeps each refit whose
-        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); True if any."""
+        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); returns which
+        were kept ([len(redo)] bool)."""
         fitted = refit(redo, x2, y2, m2)
         new_loss = np.asarray(fitted[0].loss)
         ok = np.isfinite(new_loss) & (new_loss < np.asarray(loss)[redo] - n_new * n_par_one)
-        return keep(redo, ok, x2, y2, m2, a2, fitted)
+        keep(redo, ok, x2, y2, m2, a2, fitted)
+        return ok
 
     for _ in range(int(residual_rounds) if add_sources else 0):
         peaks = residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
@@ -269,7 +270,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             slots = np.flatnonzero(~m2[r])[:found[r].sum()]
             x2[r, slots], y2[r, slots] = px[redo[r]][found[r]], py[redo[r]][found[r]]
             m2[r, slots] = a2[r, slots] = True
-        if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)):
+        if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any():
             break
     for _ in range(int(split_rounds) if split_sources else 0):
         cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
@@ -283,7 +284,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             x2[r, cand.slot[b]], y2[r, cand.slot[b]] = cand.x1[b], cand.y1[b]
             x2[r, new], y2[r, new] = cand.x2[b], cand.y2[b]
             m2[r, new] = a2[r, new] = True
-        if not attempt(redo, x2, y2, m2, a2, np.ones(len(redo))):
+        if not attempt(redo, x2, y2, m2, a2, np.ones(len(redo))).any():
             break
     tried = np.zeros(mask.shape + mask.shape[1:], bool)  # [blend, slot, slot] pairs proposed
     for _ in range(int(merge_rounds) if merge_sources else 0):
@@ -297,11 +298,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         rows, slots = np.arange(len(redo)), cand.slot[redo]
         m2[rows, slots] = a2[rows, slots] = False
         if not move_sources:
-            merged = refit(redo, x2, y2, m2)
-            lm = np.asarray(merged[0].loss)
-            take_m = np.isfinite(lm) & (lm < np.asarray(loss)[redo] + n_par_one)
-            keep(redo, take_m, x2, y2, m2, a2, merged)
-            tried[redo[take_m]] = False  # a new configuration: every pair may be proposed
+            kept = attempt(redo, x2, y2, m2, a2, -np.ones(len(redo)))
+            tried[redo[kept]] = False  # a new configuration: every pair may be proposed
             continue
         # Akaike among three models of each blend: as it is, merged (one galaxy fewer), and
         # moved (the merged fit's most significant residual peak in the freed slot)
