@@ -143,6 +143,12 @@ def score_blend(truth, iso, out):
             if "i_flux_err" in cat.colnames:  # the method's own 1-sigma error of the i flux
                 err = float(cat["i_flux_err"][m[j]])
                 row["pull"] = (d[BAND].sum() - f_true) / err if err > 0 else np.nan
+                # what benchmarks/calibrate_flux_errors.py needs to refit the error model
+                row["flux"], row["flux_true"] = float(d[BAND].sum()), float(f_true)
+                row["flux_fit"] = float(cat["i_flux"][m[j]])
+                for col in ("i_flux_err_fisher", "i_blendedness"):
+                    if col in cat.colnames:
+                        row[col] = float(cat[col][m[j]])
         rows.append(row)
     return rows, has_nan
 
@@ -225,6 +231,9 @@ def main(argv=None):
     ap.add_argument("--only-scarlet2", action="store_true",
                     help="fill --scarlet2-cache and stop (no other method, no scoring)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--rows-out", default=None,
+                    help="JSON of every method's per-galaxy rows (every blend), for "
+                         "benchmarks/calibrate_flux_errors.py")
     args = ap.parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(__file__), "results",
                                         f"deblend_compare_{args.set}.json")
@@ -367,6 +376,8 @@ def main(argv=None):
     print(summary)
     write_json(out_path, {"machine": machine(), "summary": summary, "all_blends": table_all,
                           "same_blends_with_scarlet2": table3})
+    if args.rows_out:
+        write_json(args.rows_out, {"summary": summary, "rows": rows})
 
 
 if __name__ == "__main__":

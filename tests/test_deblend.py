@@ -10,6 +10,7 @@ from deblend_scene import fit_scene
 from btkjax import deblend as D
 from btkjax.noise import add_noise
 from btkjax.tolerances import (
+    BLENDEDNESS_F32_ATOL,
     DEBLEND_ERRORS_CRB_MEDIAN_RTOL,
     DEBLEND_ERRORS_CRB_SPREAD_RTOL,
     DEBLEND_ERRORS_HESSIAN_RTOL,
@@ -383,3 +384,33 @@ def test_forward_model_measure_in_btk_pipeline():
     summary = results["galaxy_summary"]["forward_model"]
     assert np.any(summary["detected"])
     assert np.all(np.isfinite(np.asarray(summary["mse"])[np.asarray(summary["detected"])]))
+    # The flux error model: each band's blendedness is BTK's formula (btkjax.metrics, numpy) on
+    # the models (the deblended images of deblended="model"), and the flux error the Fisher
+    # error, floor * F and blend * b * F in quadrature; flux_errors=None: the Fisher error.
+    fem = D.FluxErrorModel(floor=0.05, blend=0.5)
+    same = dict(max_sources=4, max_steps=60, detection="sep", split_sources=False,
+                merge_sources=False, start_hlr=None, model="exponential")
+    fm2 = D.ForwardModelMeasure(deblended="model", flux_errors=fem, **same)
+    fm3 = D.ForwardModelMeasure(flux_errors=None, **same)
+    n_blended = 0
+    for i in range(len(n_sep)):
+        out = fm2(blend_results, i, surveys=[survey])
+        c, deb = out["catalog"], np.asarray(out["deblended_images"], float)
+        c3 = fm3(blend_results, i, surveys=[survey])["catalog"]
+        for b, band in enumerate(bands):
+            want_b = btkjax.metrics.blendedness(deb[:, b]) if len(c) else np.zeros(0)
+            np.testing.assert_allclose(c[f"{band}_blendedness"], want_b, rtol=0,
+                                       atol=BLENDEDNESS_F32_ATOL)
+            n_blended += int(np.sum(want_b > 0.01))
+            f, fisher = np.asarray(c[f"{band}_flux"]), np.asarray(c[f"{band}_flux_err_fisher"])
+            got_b = np.asarray(c[f"{band}_blendedness"])
+            want = np.sqrt(fisher**2 + (0.05 * f) ** 2 + (0.5 * got_b * f) ** 2)
+            np.testing.assert_allclose(c[f"{band}_flux_err"], want, rtol=F64_SAME_RTOL)
+            np.testing.assert_array_equal(c3[f"{band}_flux_err"], c3[f"{band}_flux_err_fisher"])
+    assert n_blended > 0  # the blend term was exercised
+    for bad in (D.FluxErrorModel(floor=-0.1, blend=0.0),
+                D.FluxErrorModel(floor=0.0, blend=float("nan"))):
+        with pytest.raises(ValueError, match="must be finite and >= 0"):
+            D.ForwardModelMeasure(flux_errors=bad)
+    with pytest.raises(ValueError, match="flux_errors must be"):
+        D.ForwardModelMeasure(flux_errors=(0.1, 0.2))

@@ -8,7 +8,12 @@ from deblend_scene import PIXEL, fit_scene
 
 import btkjax
 from btkjax import deblend as D
-from btkjax.tolerances import DEBLEND_NOISELESS_RTOL, F64_SAME_ATOL, F64_SAME_RTOL
+from btkjax.tolerances import (
+    DEBLEND_NOISELESS_RTOL,
+    F64_SAME_ATOL,
+    F64_SAME_RTOL,
+    ROUNDED_HALF_UNIT,
+)
 
 pytestmark = pytest.mark.float64
 
@@ -45,6 +50,66 @@ def test_prior_term_is_the_gaussian_of_its_docstring():
     got = float(D.model.prior_term(gal, mask, prior))
     assert got == pytest.approx(want, rel=F64_SAME_RTOL)
     assert float(D.model.prior_term(gal, mask, D.Prior())) == 0.0  # no prior: nothing
+
+
+def test_colour_prior_term_is_the_gaussian_of_the_colours():
+    """-log prior of the colours by hand, 0.5 d^T P d with d the ln flux ratios of adjacent
+    bands minus the mean; the same for any brightness (one SED, scaled); masked slots out."""
+    flux = np.array([[100.0, 300.0, 500.0], [50.0, 20.0, 80.0], [1.0, 1.0, 1.0]])
+    gal = D.Galaxies(x=jnp.zeros(3), y=jnp.zeros(3), flux=jnp.asarray(flux),
+                     hlr=jnp.full(3, 0.3), g1=jnp.zeros(3), g2=jnp.zeros(3), n=jnp.ones(3))
+    mask = jnp.array([True, True, False])
+    mean = np.array([0.5, 0.2])
+    icov = np.array([[4.0, -1.0], [-1.0, 2.0]])
+    prior = D.Prior(colour_mean=mean, colour_icov=icov)
+    want = 0.0
+    for i in range(2):
+        d = np.log(flux[i, 1:] / flux[i, :-1]) - mean
+        want += 0.5 * d @ icov @ d
+    got = float(D.model.prior_term(gal, mask, prior))
+    assert got == pytest.approx(want, rel=F64_SAME_RTOL)
+    scaled = gal._replace(flux=gal.flux * jnp.array([[7.0], [0.01], [1.0]]))
+    assert float(D.model.prior_term(scaled, mask, prior)) == pytest.approx(
+        want, rel=F64_SAME_RTOL)
+    with pytest.raises(ValueError, match=r"colour_icov must be \[2, 2\]"):
+        D.model.prior_term(gal, mask, prior._replace(colour_icov=np.eye(3)))
+
+
+def test_colour_prior_recovers_known_colours():
+    """A CatSim-like table of known AB colours: the prior's mean is the flat-spectrum (0 AB
+    colour) ln flux ratio of the survey's bands minus 0.4 ln 10 times the mean magnitude
+    differences, its covariance (0.4 ln 10)^2 theirs; the catalog's galaxies have a mean
+    Mahalanobis distance of (N - 1) / N (band - 1). The fluxes are galcheat's whole electrons:
+    each ln F is off the formula by at most half an electron / F."""
+    survey = btkjax.survey.get_surveys("LSST")
+    bands = list(survey.available_filters)
+    rng = np.random.default_rng(5)
+    n = 400
+    ref = rng.uniform(21.0, 25.0, n)
+    mags = ref[:, None] + np.linspace(1.0, -0.5, len(bands)) + rng.normal(
+        0, 0.2, (n, len(bands))) * np.arange(len(bands))
+    t = Table({f"{b}_ab": mags[:, k] for k, b in enumerate(bands)})
+    t["ref_mag"] = ref
+    flat = Table({f"{b}_ab": np.full(1, 22.0) for b in bands})
+    ln_k = np.log(btkjax.galaxies.band_fluxes(flat, survey)[0])
+    dm = np.diff(mags, axis=1)
+    k = 0.4 * np.log(10)
+    p = D.colour_prior(t, survey, max_mag=26.0)
+    fluxes = btkjax.galaxies.band_fluxes(t, survey)
+    # rounding: each colour (a difference of two ln F) and its mean are off by <= delta, each
+    # centred colour by <= 2 delta, a product of two by <= 4 delta |c| + 4 delta^2
+    delta = 2 * ROUNDED_HALF_UNIT / fluxes.min()
+    colours = np.diff(ln_k) - k * dm
+    np.testing.assert_allclose(p.colour_mean, colours.mean(axis=0), rtol=0, atol=delta)
+    bound = 4 * delta * np.abs(colours - colours.mean(axis=0)).max() + 4 * delta**2
+    np.testing.assert_allclose(np.linalg.inv(p.colour_icov), np.cov(colours, rowvar=False),
+                               rtol=F64_SAME_RTOL, atol=bound * n / (n - 1))
+    log_f = np.log(fluxes)
+    d = np.diff(log_f, axis=1) - p.colour_mean
+    maha = np.einsum("ni,ij,nj->n", d, p.colour_icov, d)
+    assert maha.mean() == pytest.approx((n - 1) / n * (len(bands) - 1), rel=1e-9)
+    with pytest.raises(ValueError, match="positive fluxes in every band"):
+        D.colour_prior(t, survey, max_mag=15.0)
 
 
 def test_catalog_prior_recovers_a_known_size_flux_relation():
@@ -268,5 +333,19 @@ def test_forward_model_measure_priors():
         survey) == cat
     mine = D.Prior(g_width=0.2)
     assert D.ForwardModelMeasure(prior=mine).resolve_prior(survey) is mine
+    # colour_width: the embedded catalog's colours, widened, on top of whichever prior
+    colours = D.colour_prior(btkjax.catalog.CatsimCatalog.default(), survey)
+    for fm, base, w in ((D.ForwardModelMeasure(colour_width=1.0),
+                         D.Prior(n_mean=idx.n_mean, n_width=idx.n_width), 1.0),
+                        (D.ForwardModelMeasure(prior=mine, colour_width=2.0), mine, 2.0)):
+        got = fm.resolve_prior(survey)
+        np.testing.assert_array_equal(got.colour_mean, colours.colour_mean)
+        np.testing.assert_allclose(got.colour_icov, colours.colour_icov / w**2,
+                                   rtol=F64_SAME_RTOL)
+        assert got._replace(colour_mean=0.0, colour_icov=0.0) == base
+    assert colours.colour_icov.shape == (5, 5)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="colour_width must be"):
+            D.ForwardModelMeasure(colour_width=bad)
     with pytest.raises(ValueError, match="prior must be"):
         D.ForwardModelMeasure(prior="flat")

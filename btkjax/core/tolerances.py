@@ -177,6 +177,9 @@ STEP_PIXEL_ATOL_F32 = 1e-4
 # Sums over a stamp's ~1e4 pixels (blendedness, SNR, band fluxes) in float32 against float64:
 # pairwise summation rounds to ~log2(1e4) * 2**-24 ~ 1e-6 relative; 1e-5 leaves a margin.
 STEP_SUM_RTOL_F32 = 1e-5
+# BTK's blendedness 1 - num / den from two such float32 sums against float64: the ratio
+# (<= 1) is off by at most the two sums' relative errors, so b by at most 2 x theirs.
+BLENDEDNESS_F32_ATOL = 2 * STEP_SUM_RTOL_F32
 # A conditions FWHM counts as inside the bounds the step's FFT box was planned for
 # (Truth.fwhm_in_bounds) within this relative slack: the bounds are float64 products, the
 # drawn FWHMs float32 products of the same factors, which differ by a few float32 ulps (2**-23).

@@ -134,11 +134,14 @@ from btkjax.deblend.init import init_galaxies
 from btkjax.deblend.measure import (
     BULGE_DISK_PRIOR,
     COADD_SEP_KWARGS,
+    FLUX_ERROR_MODEL,
     SERSIC_INDEX_PRIOR,
+    FluxErrorModel,
     ForwardModelMeasure,
     coadd_detections,
     crop_origins,
     crop_size,
+    model_blendedness,
 )
 from btkjax.deblend.model import (
     FIT_MAXK_THRESHOLD,
@@ -165,7 +168,7 @@ from btkjax.deblend.model import (
     trace_count,
 )
 from btkjax.deblend.pipeline import PaddedDetections, fit_blends, pad_detections
-from btkjax.deblend.priors import catalog_prior
+from btkjax.deblend.priors import catalog_prior, colour_prior
 from btkjax.deblend.residual import (
     MergeCandidates,
     ResidualPeaks,
@@ -212,6 +215,7 @@ __all__ = [
     "merge_candidates",
     "MergeCandidates",
     "catalog_prior",
+    "colour_prior",
     "crop_origins",
     "crop_size",
     "default_chunk",
@@ -220,6 +224,7 @@ __all__ = [
     "fit_spec",
     "ForwardModelMeasure",
     "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR",
+    "FluxErrorModel", "FLUX_ERROR_MODEL", "model_blendedness",
     "COADD_SEP_KWARGS",
     "coadd_detections",
     "Scarlet2Measure",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +12,17 @@ import sep
 from astropy.table import Table
 
 from btkjax.catalog import CatsimCatalog
+from btkjax.core.step import blendedness
 from btkjax.deblend.model import MODELS, STATUS_TOO_MANY, Prior, fit_spec, model_images
 from btkjax.deblend.pipeline import fit_blends, pad_detections
-from btkjax.deblend.priors import catalog_prior
+from btkjax.deblend.priors import catalog_prior, colour_prior
 from btkjax.measure import pixel_to_arcsec, select_survey, sep_singleband_measure
 from btkjax.optics import psf_kimage_from_galsim
 from btkjax.survey import get_mean_sky_level
 
 __all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure",
-           "COADD_SEP_KWARGS", "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR"]
+           "COADD_SEP_KWARGS", "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR", "FluxErrorModel",
+           "FLUX_ERROR_MODEL", "model_blendedness"]
 
 # The default prior of model="sersic": n ~ N(1, 0.5), a disk unless the data say otherwise
 # (width chosen on the tuning seeds of benchmarks/bench_deblend.py among 0.3, 0.5, 0.7, 1, inf)
@@ -30,6 +33,47 @@ SERSIC_INDEX_PRIOR = Prior(n_mean=1.0, n_width=0.5)
 # -2.4, std 1.9; ln(bulge / disk half-light radius, circularized) median -0.77, std 0.61
 BULGE_DISK_PRIOR = Prior(bulge_logit_mean=-2.4, bulge_logit_width=1.9,
                          log_bulge_ratio_mean=-0.77, log_bulge_ratio_width=0.61)
+
+
+
+class FluxErrorModel(NamedTuple):
+    """The flux error of a galaxy in a blend: its Fisher error and what no one fit's Fisher
+    matrix counts, the light a profile that does not describe the galaxy exactly takes from or
+    leaves to its surroundings (``floor``) and to its neighbours (``blend``):
+
+    ``sigma_F^2 = fisher^2 + (floor * F)^2 + (blend * b * F)^2``
+
+    with ``F`` the galaxy's fitted flux in the band and ``b`` its blendedness in the fitted
+    models (`model_blendedness`: BTK's formula on the models instead of the true isolated
+    images). An empirical model, calibrated on simulated blends (`FLUX_ERROR_MODEL`).
+    """
+
+    floor: float
+    blend: float
+
+
+# Calibrated by benchmarks/calibrate_flux_errors.py on the tuning seeds of
+# benchmarks/bench_deblend.py (ForwardModelMeasure's defaults, LSST, up to 5 galaxies on 24"
+# stamps): the (floor, blend) that bring the robust width (1.4826 MAD) of the i-band pulls
+# (deblended - isolated) / sigma_F nearest 1 in the three blendedness bins (< 0.1, 0.1 - 0.5,
+# > 0.5); the results file benchmarks/results/flux_error_calibration.json; checked on the
+# reporting seeds in the README
+FLUX_ERROR_MODEL = FluxErrorModel(floor=0.02, blend=0.83)
+
+
+def model_blendedness(models):
+    """BTK's blendedness ``1 - <S_k, S_k> / <S_k, sum_j S_j>`` of each fitted galaxy, with its
+    model ``S_k`` in place of its true isolated image.
+
+    Args:
+        models: [blend, slot, band, S, S] each galaxy's model (zeros for an empty slot).
+
+    Returns:
+        [blend, slot, band]; 0 for an empty slot.
+    """
+    b = blendedness(jnp.swapaxes(jnp.asarray(models), 1, 2))  # [blend, band, slot]
+    return np.asarray(jnp.swapaxes(b, 1, 2))
+
 
 # SEP's settings of the default coadd detection: finer deblending than SEP's default (0.005),
 # the over-split pieces it makes are merged back by the fit's model comparison (chosen on the
@@ -155,6 +199,12 @@ class ForwardModelMeasure:
             galaxy split in two, two merged into one, or a piece of a galaxy moved to a
             neighbour the detection missed, when the likelihood says so).
         start_hlr: `fit_blends`'s compact start (arcsec; None: the moments' shapes).
+        colour_width: None (the default: no colour prior) or a number: `colour_prior` of the
+            embedded default CatSim catalog (the population's colours as the batch's survey
+            sees them; one SED per galaxy), its covariance scaled by ``colour_width**2``, added
+            to ``prior``.
+        flux_errors: the `FluxErrorModel` of the ``{band}_flux_err`` columns (default
+            `FLUX_ERROR_MODEL`, calibrated on simulated blends); None: the Fisher errors.
 
     The defaults (a free-index Sersic profile with a prior on the index, coadd detection,
     splits, merges and moves, compact start) are the setup
@@ -168,10 +218,12 @@ class ForwardModelMeasure:
     Catalog columns: ``ra``, ``dec`` (arcsec), ``x_peak``, ``y_peak`` (pixels), ``{band}_flux``
     (electrons), ``hlr`` (arcsec), ``g1``, ``g2`` (reduced shear), ``e1``, ``e2`` (distortion,
     comparable with `btkjax.metrics.moments_ellipticity`), ``n`` (Sersic index), their 1-sigma
-    Fisher errors ``x_peak_err``, ``y_peak_err``, ``{band}_flux_err``, ``hlr_err``, ``g1_err``,
-    ``g2_err`` (and ``n_err`` for model="sersic"; NaN where the Hessian was not positive
-    definite, see the status), ``added`` (found in the residual, ``add_sources``), ``status``
-    and ``n_steps`` (the blend's), ``chi2_per_pixel``.
+    Fisher errors ``x_peak_err``, ``y_peak_err``, ``hlr_err``, ``g1_err``, ``g2_err`` (and
+    ``n_err`` for model="sersic"; NaN where the Hessian was not positive definite, see the
+    status), the flux errors ``{band}_flux_err`` of ``flux_errors`` (the Fisher errors in
+    ``{band}_flux_err_fisher``), ``{band}_blendedness`` (`model_blendedness`), ``added``
+    (found in the residual, ``add_sources``), ``status`` and ``n_steps`` (the blend's),
+    ``chi2_per_pixel``.
     """
 
     def __init__(self, model: str = "sersic", max_sources: int = 6, deblended="model",
@@ -180,7 +232,9 @@ class ForwardModelMeasure:
                  dtype=None, name: str = "forward_model", sep_kwargs=None,
                  detection: str = "coadd", prior="auto", split_sources: bool = True,
                  merge_sources: bool = True, move_sources: bool = True,
-                 start_hlr: float | None = 0.1, **fit_kwargs):
+                 start_hlr: float | None = 0.1,
+                 flux_errors: FluxErrorModel | None = FLUX_ERROR_MODEL,
+                 colour_width: float | None = None, **fit_kwargs):
         if detection not in ("sep", "coadd"):
             raise ValueError(f"detection must be 'sep' or 'coadd', got {detection!r}.")
         self.detection = detection
@@ -191,7 +245,19 @@ class ForwardModelMeasure:
         if "prior" in fit_kwargs:
             raise TypeError("prior is given once, as ForwardModelMeasure's own argument.")
         self.prior = prior
+        if colour_width is not None and not (math.isfinite(colour_width) and colour_width > 0):
+            raise ValueError(f"colour_width must be None or a finite number > 0, got "
+                             f"{colour_width!r}.")
+        self.colour_width = colour_width
         self._priors = {}
+        if flux_errors is not None:
+            if not isinstance(flux_errors, FluxErrorModel):
+                raise ValueError(f"flux_errors must be a btkjax.deblend.FluxErrorModel or "
+                                 f"None, got {flux_errors!r}.")
+            for k, v in flux_errors._asdict().items():
+                if not (math.isfinite(v) and v >= 0):
+                    raise ValueError(f"FluxErrorModel.{k} must be finite and >= 0, got {v!r}.")
+        self.flux_errors = flux_errors
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}.")
         if deblended not in ("model", "split"):
@@ -250,7 +316,18 @@ class ForwardModelMeasure:
         return images, wcs, multires, psfs, pixel_scale, bands, sky, self.resolve_prior(survey)
 
     def resolve_prior(self, survey) -> Prior | None:
-        """The `Prior` fitted on ``survey``'s images (see ``prior``)."""
+        """The `Prior` fitted on ``survey``'s images (see ``prior`` and ``colour_width``)."""
+        prior = self._base_prior(survey)
+        if self.colour_width is None:
+            return prior
+        key = ("colours", survey.name)
+        if key not in self._priors:
+            self._priors[key] = colour_prior(CatsimCatalog.default(), survey)
+        cp = self._priors[key]
+        return (prior or Prior())._replace(colour_mean=cp.colour_mean,
+                                           colour_icov=cp.colour_icov / self.colour_width**2)
+
+    def _base_prior(self, survey) -> Prior | None:
         if self.prior == "catalog" and survey.name not in self._priors:
             self._priors[survey.name] = catalog_prior(CatsimCatalog.default(), survey)
         prior = self._priors.get(survey.name) if self.prior == "catalog" else (
@@ -334,8 +411,8 @@ class ForwardModelMeasure:
             "mask": np.asarray(res.mask), "added": np.asarray(res.added),
             "status": np.asarray(res.status),
             "n_steps": np.asarray(res.n_steps), "chi2": np.asarray(res.chi2) / res.n_pixels,
-            "models": models, "images": images, "sky": sky, "bands": bands, "wcs": wcs,
-            "multires": multires,
+            "models": models, "blendedness": model_blendedness(models), "images": images,
+            "sky": sky, "bands": bands, "wcs": wcs, "multires": multires,
         }
 
     def __call__(self, batch, idx, channels_last=False, surveys=None, survey_name=None,
@@ -357,6 +434,9 @@ class ForwardModelMeasure:
         gsq = gal.g1**2 + gal.g2**2
         t["e1"], t["e2"] = 2 * gal.g1 / (1 + gsq), 2 * gal.g2 / (1 + gsq)
         t["n"] = gal.n.astype(float)
+        blend_k = c["blendedness"][idx][m]  # [n, band]
+        for b, band in enumerate(c["bands"]):
+            t[f"{band}_blendedness"] = blend_k[:, b].astype(float)
         if gal.bulge_frac is not None:
             for b, band in enumerate(c["bands"]):
                 t[f"{band}_bulge_frac"] = gal.bulge_frac[:, b].astype(float)
@@ -364,8 +444,15 @@ class ForwardModelMeasure:
         if c["errors"] is not None:
             err = jax.tree.map(lambda a: a[idx][m], c["errors"])
             t["x_peak_err"], t["y_peak_err"] = err.x.astype(float), err.y.astype(float)
+            fisher = err.flux.astype(float)
+            flux_err = fisher
+            if self.flux_errors is not None:
+                f = gal.flux.astype(float)
+                fl, bl = self.flux_errors.floor, self.flux_errors.blend
+                flux_err = np.sqrt(fisher**2 + (fl * f) ** 2 + (bl * blend_k * f) ** 2)
             for b, band in enumerate(c["bands"]):
-                t[f"{band}_flux_err"] = err.flux[:, b].astype(float)
+                t[f"{band}_flux_err"] = flux_err[:, b]
+                t[f"{band}_flux_err_fisher"] = fisher[:, b]
             t["hlr_err"] = err.hlr.astype(float)
             t["g1_err"], t["g2_err"] = err.g1.astype(float), err.g2.astype(float)
             if self.model == "sersic":

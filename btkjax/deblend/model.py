@@ -125,6 +125,10 @@ class Prior(NamedTuple):
     ``~ N(bulge_logit_mean, bulge_logit_width)`` and ``ln(bulge_hlr / hlr) ~
     N(log_bulge_ratio_mean, log_bulge_ratio_width)``; a faint galaxy's bulge is not measured
     and these keep its fit (and its Fisher matrix) well defined (`BULGE_DISK_PRIOR`).
+    Colours (one SED per galaxy, from a population): the vector of ln flux ratios of adjacent
+    bands, ``c_k = ln(F_{k+1} / F_k)`` (electrons), ``~ N(colour_mean, inv(colour_icov))``
+    with ``colour_mean`` [band - 1] and the precision matrix ``colour_icov`` [band - 1,
+    band - 1] (`btkjax.deblend.colour_prior` of a catalog); the scalar default 0 means none.
 
     Traced leaves: differentiable (see the module docstring's learning example).
     """
@@ -140,6 +144,8 @@ class Prior(NamedTuple):
     bulge_logit_width: jax.Array | float = math.inf
     log_bulge_ratio_mean: jax.Array | float = 0.0
     log_bulge_ratio_width: jax.Array | float = math.inf
+    colour_mean: jax.Array | float = 0.0
+    colour_icov: jax.Array | float = 0.0
 
     def astype(self, dtype) -> Prior:
         """The prior with every leaf a ``dtype`` array (what the jitted fits take)."""
@@ -353,6 +359,15 @@ def prior_term(gal1: Galaxies, mask1, prior: Prior):
         zr = (jnp.log(gal1.bulge_hlr / gal1.hlr) - prior.log_bulge_ratio_mean) / \
             prior.log_bulge_ratio_width
         terms = terms + jnp.sum(zb * zb, axis=-1) + zr * zr
+    icov = jnp.asarray(prior.colour_icov)
+    if icov.ndim:  # a precision matrix of the colours (the scalar default: no colour prior)
+        n_band = gal1.flux.shape[-1]
+        if icov.shape != (n_band - 1, n_band - 1):
+            raise ValueError(f"Prior.colour_icov must be [{n_band - 1}, {n_band - 1}] for "
+                             f"{n_band} bands, got {icov.shape}.")
+        log_f = jnp.log(gal1.flux)
+        dc = log_f[:, 1:] - log_f[:, :-1] - prior.colour_mean
+        terms = terms + jnp.einsum("si,ij,sj->s", dc, icov, dc)
     return 0.5 * jnp.sum(jnp.where(mask1, terms, 0.0))
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from btkjax.deblend.model import Prior
 from btkjax.galaxies import band_fluxes
 
-__all__ = ["catalog_prior"]
+__all__ = ["catalog_prior", "colour_prior"]
 
 
 def catalog_prior(catalog, survey, max_mag: float = 25.3, min_mag: float = -np.inf,
@@ -57,3 +57,39 @@ def catalog_prior(catalog, survey, max_mag: float = 25.3, min_mag: float = -np.i
     g = (1 - q) / (1 + q)
     return Prior(log_hlr_mean=float(mean), log_hlr_width=width, log_hlr_slope=float(slope),
                  log_flux_ref=ref, g_width=float(np.sqrt(np.mean(g * g) / 2)))
+
+
+def colour_prior(catalog, survey, max_mag: float = 25.3, min_mag: float = -np.inf,
+                 mag_name: str = "ref_mag", prior: Prior | None = None) -> Prior:
+    """A `Prior` on each galaxy's colours (its SED) from a CatSim-like catalog's population.
+
+    The colours are the ln flux ratios of adjacent bands, ``c_k = ln(F_{k+1} / F_k)``, of the
+    galaxies with ``min_mag < mag_name <= max_mag`` as ``survey`` sees them (electrons,
+    `band_fluxes`: bulge, disk and AGN together); their mean and the inverse of their
+    covariance matrix are the prior's ``colour_mean`` and ``colour_icov`` (a Gaussian over the
+    whole population: red and blue galaxies together).
+
+    Args:
+        catalog, survey, max_mag, min_mag, mag_name: as `catalog_prior`.
+        prior: the `Prior` to add the colour terms to (default: none other).
+
+    Returns:
+        `Prior` (float64 arrays; `Prior.astype` casts it).
+    """
+    table = getattr(catalog, "table", catalog)
+    if mag_name not in table.colnames:
+        mag_name = "i_ab"
+    mag = np.asarray(table[mag_name], float)
+    rows = np.flatnonzero((mag > min_mag) & (mag <= max_mag))
+    flux = band_fluxes(table[rows], survey)
+    ok = np.all(flux > 0, axis=1)
+    n_band = flux.shape[1]
+    if n_band < 2 or ok.sum() < 10 * n_band:
+        raise ValueError(f"colour_prior needs at least 2 bands and {10 * n_band} galaxies with "
+                         f"positive fluxes in every band in {min_mag} < {mag_name} <= "
+                         f"{max_mag}; got {n_band} bands and {int(ok.sum())} galaxies.")
+    log_f = np.log(flux[ok])
+    colours = log_f[:, 1:] - log_f[:, :-1]
+    cov = np.atleast_2d(np.cov(colours, rowvar=False))
+    return (prior or Prior())._replace(colour_mean=colours.mean(axis=0),
+                                       colour_icov=np.linalg.inv(cov))

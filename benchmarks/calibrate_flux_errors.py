@@ -1,0 +1,122 @@
+"""Calibrates (``--fit``) or checks (``--check``) `btkjax.deblend.FLUX_ERROR_MODEL`.
+
+    python benchmarks/bench_deblend.py --set tune --n 100 --scarlet2-per-batch 0 --variant '' \
+        --rows-out tune_rows.json
+    python benchmarks/calibrate_flux_errors.py --fit tune_rows.json
+    python benchmarks/bench_deblend.py --set report ... --rows-out report_rows.json
+    python benchmarks/calibrate_flux_errors.py --check report_rows.json
+
+The rows are bench_deblend.py's per-galaxy scores of ``ForwardModelMeasure`` (method
+``btkjax``): for each true galaxy matched to a fitted one, the i-band flux of its deblended
+image and of its isolated image, the fitted flux ``F``, its Fisher error and its blendedness in
+the fitted models ``b`` (catalog columns ``i_flux_err_fisher``, ``i_blendedness``). The pull of
+a galaxy is (deblended - isolated) / sigma, with
+
+    sigma^2 = fisher^2 + (floor * F)^2 + (blend * b * F)^2      (`FluxErrorModel`).
+
+``--fit``: the (floor, blend) on a grid (steps 0.0025 and 0.01) that minimizes the sum over the
+blendedness bins < 0.1, 0.1 - 0.5 and > 0.5 (the true blendedness, as bench_deblend.py bins) of
+ln(robust width)^2, robust width = 1.4826 x the median absolute deviation of the pulls (1 when
+the errors are calibrated; robust, since a galaxy matched to the wrong fit is an outlier that
+no error model should chase). ``--check``: the same statistics for the model in btkjax (or
+``--model floor,blend``). Both print, per bin, the robust width, the median and the fraction of
+pulls within 1 and 2 (0.683 and 0.954 for Gaussian pulls), with the Fisher errors alone beside,
+and write the JSON ``--out`` (default benchmarks/results/flux_error_calibration.json for
+``--fit``) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine, table, write_json  # noqa: E402
+
+from btkjax.deblend import FLUX_ERROR_MODEL  # noqa: E402
+
+BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf),
+        ("all", -np.inf, np.inf))
+FLOORS = np.arange(0.0, 0.15, 0.0025)
+BLENDS = np.arange(0.0, 3.0, 0.01)
+
+
+def load(path, method="btkjax"):
+    """Arrays of the matched galaxies with finite Fisher errors in bench rows ``path``."""
+    with open(path) as fh:
+        rows = json.load(fh)["rows"][method]
+    rows = [r for r in rows if r["matched"] and np.isfinite(r.get("i_flux_err_fisher", np.nan))]
+    if not rows:
+        raise ValueError(f"{path} has no matched {method} galaxy with an i_flux_err_fisher; "
+                         f"run bench_deblend.py with --rows-out on this version.")
+    get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
+    return {"true_b": get("blendedness"), "diff": get("flux") - get("flux_true"),
+            "flux": get("flux_fit"), "fisher": get("i_flux_err_fisher"),
+            "b": get("i_blendedness")}
+
+
+def pulls(d, floor, blend):
+    sigma = np.sqrt(d["fisher"] ** 2 + (floor * d["flux"]) ** 2 + (blend * d["b"] * d["flux"]) ** 2)
+    return d["diff"] / sigma
+
+
+def stats(d, floor, blend):
+    """Per bin: n, robust width, median, fraction within 1 and within 2."""
+    p = pulls(d, floor, blend)
+    out = []
+    for label, lo, hi in BINS:
+        v = p[(d["true_b"] >= lo) & (d["true_b"] < hi)]
+        med = float(np.median(v))
+        out.append({"blendedness": label, "n": int(len(v)),
+                    "width": float(1.4826 * np.median(np.abs(v - med))), "median": med,
+                    "within_1": float(np.mean(np.abs(v) < 1)),
+                    "within_2": float(np.mean(np.abs(v) < 2))})
+    return out
+
+
+def objective(d, floor, blend):
+    return sum(np.log(s["width"]) ** 2 for s in stats(d, floor, blend)[:3])
+
+
+def fit(d):
+    best = min((objective(d, a, c), a, c) for a in FLOORS for c in BLENDS)
+    return float(round(best[1], 4)), float(round(best[2], 4))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--fit", metavar="ROWS")
+    what.add_argument("--check", metavar="ROWS")
+    ap.add_argument("--model", default=None, help="floor,blend to check (default btkjax's)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    path = args.fit or args.check
+    d = load(path)
+    if args.fit:
+        floor, blend = fit(d)
+    elif args.model:
+        floor, blend = (float(v) for v in args.model.split(","))
+    else:
+        floor, blend = FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend
+    rows = ([{"errors": "fisher", **s} for s in stats(d, 0.0, 0.0)] +
+            [{"errors": f"floor {floor:g}, blend {blend:g}", **s} for s in stats(d, floor, blend)])
+    print(f"{'fitted on' if args.fit else 'checked on'} {path}: floor={floor:g}, blend={blend:g}")
+    print(table(rows, ["errors", "blendedness", "n", "width", "median", "within_1",
+                       "within_2"]))
+    out = args.out or (os.path.join(os.path.dirname(__file__), "results",
+                                    "flux_error_calibration.json") if args.fit else None)
+    if out:
+        with open(path) as fh:
+            summary = json.load(fh)["summary"]
+        write_json(out, {"machine": machine(), "rows_file": os.path.basename(path),
+                         "bench_summary": summary, "mode": "fit" if args.fit else "check",
+                         "floor": floor, "blend": blend, "stats": rows})
+
+
+if __name__ == "__main__":
+    main()
