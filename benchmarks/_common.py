@@ -56,6 +56,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _fmt(v):
+    if isinstance(v, list | tuple):  # an interval
+        return "-".join(_fmt(x) for x in v)
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)

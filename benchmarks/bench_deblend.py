@@ -27,7 +27,9 @@ Scoring, written here independently of the code scored (no btkjax.match / btkjax
   to true galaxies on the pixel distance, pairs farther than ``MATCH_PX`` pixels rejected;
 - blendedness of each true galaxy (BTK's definition, i band, noiseless isolated images):
   ``1 - sum(I_j^2) / sum(I_j * sum_k I_k)``;
-- ``dflux``: |sum(deblended) - sum(isolated)| / sum(isolated) in the i band;
+- ``dflux``: |sum(deblended) - sum(isolated)| / sum(isolated) in the i band; its median's 68%
+  interval (``dflux_median_68``: the 16th and 84th percentiles over 1000 bootstrap resamplings
+  of the blends, seed 0);
 - ``mse``: mean over bands and pixels of (deblended - isolated)^2 (electrons^2);
 - ``de``: |e - e_true| of Gaussian-weighted (sigma 3 pixels, at the true position) moment
   ellipticities (distortion) of the deblended and isolated i-band images;
@@ -69,6 +71,7 @@ MATCH_PX = 5.0
 BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf),
         ("all", -np.inf, np.inf))
 BAND = 3  # i
+BOOTSTRAP = 1000  # resamplings of the blends for the medians' 68% intervals
 _COMPILE_S = [0.0]
 # the variant of the "btkjax_exp" rows: the default setup with exponential profiles (2.3x
 # cheaper)
@@ -178,6 +181,25 @@ def _pull_stats(v):
     return {"pull_median": med, "pull_width": float(1.4826 * np.median(np.abs(v - med)))}
 
 
+def bootstrap_median(values, blend, n_boot=BOOTSTRAP, seed=0):
+    """The 16th and 84th percentiles of the median of ``values`` (finite ones) over
+    ``n_boot`` resamplings of the blends with replacement (galaxies of one blend share its
+    fit, so the blend is the unit resampled)."""
+    values, blend = np.asarray(values, float), np.asarray(blend)
+    ok = np.isfinite(values)
+    values, blend = values[ok], blend[ok]
+    if not len(values):
+        return [float("nan"), float("nan")]
+    ids, inverse = np.unique(blend, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    meds = []
+    for _ in range(n_boot):
+        pick = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+        meds.append(np.median(values[pick]))
+    return [float(v) for v in np.percentile(meds, [16, 84])]
+
+
 def summarize(name, rows, nan_blends, wall, cpu, n_timed):
     """Table rows of one method: one per blendedness bin; ``wall``, ``cpu``: seconds over
     ``n_timed`` blends (for btkjax, the batches that did not compile)."""
@@ -187,10 +209,13 @@ def summarize(name, rows, nan_blends, wall, cpu, n_timed):
     for label, lo, hi in BINS:
         sel = (b >= lo) & (b < hi)
         sm = sel & matched
+        picked = np.flatnonzero(sm)
         out.append({
             "method": name, "blendedness": label, "n_true": int(sel.sum()),
             "n_matched": int(sm.sum()),
             "dflux_median": _median([rows[i]["dflux"] for i in np.flatnonzero(sm)]),
+            "dflux_median_68": bootstrap_median([rows[i]["dflux"] for i in picked],
+                                                [rows[i]["blend"] for i in picked]),
             "mse_median": _median([rows[i]["mse"] for i in np.flatnonzero(sm)]),
             "de_median": _median([rows[i]["de"] for i in np.flatnonzero(sm)]),
             **_pull_stats([rows[i]["pull"] for i in np.flatnonzero(sm)]),
@@ -318,6 +343,8 @@ def main(argv=None):
                     if results[name][i] is None:
                         continue
                     r, bad = score_blend(truth, iso, results[name][i])
+                    for row in r:
+                        row["blend"] = n_blends + i  # the blend's number in this run
                     if name in rows:
                         rows[name] += r
                         nan[name] += bad
@@ -349,13 +376,15 @@ def main(argv=None):
                 "method": name, "blendedness": "all, matched by every method",
                 "n_true": int(len(both)), "n_matched": int(both.sum()),
                 "dflux_median": _median([rows3[name][i]["dflux"] for i in sel]),
+                "dflux_median_68": bootstrap_median([rows3[name][i]["dflux"] for i in sel],
+                                                    [rows3[name][i]["blend"] for i in sel]),
                 "mse_median": _median([rows3[name][i]["mse"] for i in sel]),
                 "de_median": _median([rows3[name][i]["de"] for i in sel]),
                 **_pull_stats([rows3[name][i]["pull"] for i in sel]),
                 "s_per_blend": float("nan"), "cpu_s_per_blend": float("nan"),
                 "nan_blends": int(nan3[name]), "timed_blends": 0})
-    cols = ["method", "blendedness", "n_true", "n_matched", "dflux_median", "mse_median",
-            "de_median", "pull_median", "pull_width", "s_per_blend", "cpu_s_per_blend",
+    cols = ["method", "blendedness", "n_true", "n_matched", "dflux_median", "dflux_median_68",
+            "mse_median", "de_median", "pull_median", "pull_width", "s_per_blend", "cpu_s_per_blend",
             "nan_blends"]
     print(f"SEP and btkjax, {n_blends} blends ({args.set} seeds {seeds}):")
     print(table(table_all, cols))

@@ -56,6 +56,10 @@ STAMP_SUM_RTOL = 1e-5
 # sample mean is sqrt(var / n) and of the sample variance about var * sqrt(2 / n); the tests
 # assert within 5 standard errors (a false alarm rate ~ 6e-7).
 NOISE_N_SIGMA = 5.0
+# The robust width of n Gaussian draws, 1.4826 x their median absolute deviation, has a standard
+# error of 1.1664 / sqrt(n) of the width (the MAD's asymptotic efficiency is 37%); width tests
+# (e.g. of calibrated errors' pulls) assert within NOISE_N_SIGMA of it.
+MAD_WIDTH_SE = 1.1664
 
 # --- Same arithmetic, another path -------------------------------------------------------------
 # Tests that compare one float64 quantity computed two ways (another summation order, a batched

@@ -66,6 +66,10 @@ Errors (`fisher_errors`): the inverse of the Hessian of -log L with respect to t
 parameters of all the galaxies of a blend (so blended galaxies' correlations are in), by
 default on the fitted model's own image (the Fisher matrix at the fit, i.e. the Cramer-Rao
 bound; ``information="observed"`` uses the data). `fit_blends` returns them with the fit.
+They count the noise given the model, not light a profile takes from or leaves to its
+neighbours: `ForwardModelMeasure`'s flux errors add that by `FluxErrorModel` (a floor and a
+term in the galaxy's blendedness in the fitted models, `model_blendedness`), calibrated on
+simulated blends (`FLUX_ERROR_MODEL`).
 
 Galaxies the detection missed (`residual_peaks`, ``add_sources``): a fitted single profile
 absorbs the light of an undetected neighbour. The matched-filtered residual, divided by its

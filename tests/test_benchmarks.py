@@ -1,0 +1,93 @@
+"""The deblending benchmark's own scoring and the flux error calibration (benchmarks/), which
+the README's deblending tables and `FLUX_ERROR_MODEL` rest on."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from btkjax.deblend import FLUX_ERROR_MODEL
+from btkjax.metrics import blendedness
+from btkjax.tolerances import F64_SAME_RTOL, MAD_WIDTH_SE, NOISE_N_SIGMA
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_deblend  # noqa: E402
+import calibrate_flux_errors as cal  # noqa: E402
+
+
+def test_bench_blendedness_is_btks():
+    """bench_deblend's own blendedness (written apart from btkjax) equals btkjax.metrics'."""
+    rng = np.random.default_rng(0)
+    iso = rng.exponential(1.0, (4, 20, 20)) * (rng.random((4, 20, 20)) < 0.3)
+    np.testing.assert_allclose(bench_deblend.blendedness(iso), blendedness(iso),
+                               rtol=F64_SAME_RTOL)
+
+
+def test_bench_matching_by_hand():
+    """Hungarian matching on pixel distance: the pairing of least total distance, pairs beyond
+    MATCH_PX rejected."""
+    tx, ty = np.array([10.0, 13.0, 40.0]), np.array([10.0, 10.0, 40.0])
+    dx = np.array([11.5, 8.0, 40.0 + bench_deblend.MATCH_PX + 0.1])
+    dy = np.array([10.0, 10.0, 40.0])
+    got = bench_deblend.match(tx, ty, dx, dy)
+    # true 0 <- detection 1 (2.0 px) and true 1 <- detection 0 (1.5): 3.5 in all, against 6.5
+    # for the nearest-first pairing (true 0 <- 0 at 1.5, true 1 <- 1 at 5.0); true 2's only
+    # detection is beyond MATCH_PX
+    np.testing.assert_array_equal(got, [1, 0, -1])
+
+
+def test_bootstrap_interval_of_the_median():
+    """One blend: every resampling is that blend, the interval is its median. Many blends of one
+    Gaussian galaxy each: the interval holds the median and its half-width is near the median's
+    standard error sqrt(pi / 2) / sqrt(n)."""
+    v = np.array([0.3, 0.1, 0.7])
+    assert bench_deblend.bootstrap_median(v, [5, 5, 5]) == [0.3, 0.3]
+    n = 400
+    x = np.random.default_rng(1).normal(0.0, 1.0, n)
+    lo, hi = bench_deblend.bootstrap_median(x, np.arange(n))
+    se = np.sqrt(np.pi / 2) / np.sqrt(n)
+    assert lo < np.median(x) < hi
+    assert 0.5 * se < (hi - lo) / 2 < 1.5 * se
+
+
+def _synthetic(n, floor, blend, seed):
+    """Galaxies whose flux errors follow `FluxErrorModel` (floor, blend) exactly."""
+    rng = np.random.default_rng(seed)
+    b = rng.uniform(0.0, 1.0, n)
+    flux = 10 ** rng.uniform(4.0, 6.0, n)
+    fisher = np.sqrt(flux)
+    sigma = np.sqrt(fisher**2 + (floor * flux) ** 2 + (blend * b * flux) ** 2)
+    return {"true_b": b, "b": b, "flux": flux, "fisher": fisher,
+            "diff": rng.normal(0.0, 1.0, n) * sigma}
+
+
+def test_calibration_recovers_a_known_error_model():
+    """Pulls drawn with a known (floor, blend): the Fisher errors alone are too small in every
+    bin; the fitted model brings each bin's robust width to 1 within the width's standard
+    error (NOISE_N_SIGMA of MAD_WIDTH_SE / sqrt(n))."""
+    d = _synthetic(3000, 0.03, 0.6, seed=2)
+    fisher = cal.stats(d, 0.0, 0.0)
+    assert all(s["width"] > 3 for s in fisher[:3])
+    floor, blend = cal.fit(d, floors=np.arange(0.0, 0.1, 0.01), blends=np.arange(0.0, 1.5, 0.05))
+    for s in cal.stats(d, floor, blend)[:3]:
+        assert abs(s["width"] - 1) < NOISE_N_SIGMA * MAD_WIDTH_SE / np.sqrt(s["n"]), s
+    # the by-hand statistics of one bin
+    sel = d["true_b"] >= 0.5
+    p = d["diff"][sel] / np.sqrt(d["fisher"][sel] ** 2 + (floor * d["flux"][sel]) ** 2 +
+                                 (blend * d["b"][sel] * d["flux"][sel]) ** 2)
+    s = cal.stats(d, floor, blend)[2]
+    assert s["n"] == sel.sum()
+    assert s["width"] == pytest.approx(1.4826 * np.median(np.abs(p - np.median(p))),
+                                       rel=F64_SAME_RTOL)
+    assert s["within_1"] == pytest.approx(np.mean(np.abs(p) < 1), rel=F64_SAME_RTOL)
+
+
+def test_flux_error_model_is_the_calibration_on_record():
+    """`FLUX_ERROR_MODEL` is what benchmarks/calibrate_flux_errors.py --fit wrote."""
+    rec = json.loads((BENCH / "results" / "flux_error_calibration.json").read_text())
+    assert rec["mode"] == "fit"
+    assert (FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend) == (rec["floor"], rec["blend"])
