@@ -50,14 +50,20 @@ def load(path, method="btkjax"):
     """Arrays of the matched galaxies with finite Fisher errors in bench rows ``path``."""
     with open(path) as fh:
         rows = json.load(fh)["rows"][method]
-    rows = [r for r in rows if r["matched"] and np.isfinite(r.get("i_flux_err_fisher", np.nan))]
+    rows = [r for r in rows if r["matched"] and "i_flux_err_fisher" in r]
     if not rows:
         raise ValueError(f"{path} has no matched {method} galaxy with an i_flux_err_fisher; "
                          f"run bench_deblend.py with --rows-out on this version.")
     get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
-    return {"true_b": get("blendedness"), "diff": get("flux") - get("flux_true"),
-            "flux": get("flux_fit"), "fisher": get("i_flux_err_fisher"),
-            "b": get("i_blendedness")}
+    d = {"true_b": get("blendedness"), "diff": get("flux") - get("flux_true"),
+         "flux": get("flux_fit"), "fisher": get("i_flux_err_fisher"), "b": get("i_blendedness")}
+    finite = np.all([np.isfinite(v) for v in d.values()], axis=0)
+    if not finite.all():
+        # a galaxy with a NaN error (a Hessian not positive definite) or a non-finite image:
+        # said, and left out
+        print(f"{path}: {int((~finite).sum())} of {len(finite)} matched galaxies have a "
+              f"non-finite value and are left out.")
+    return {k: v[finite] for k, v in d.items()}
 
 
 def pulls(d, floor, blend):
@@ -71,6 +77,12 @@ def stats(d, floor, blend):
     out = []
     for label, lo, hi in BINS:
         v = p[(d["true_b"] >= lo) & (d["true_b"] < hi)]
+        if not len(v):
+            raise ValueError(f"No matched galaxy in the blendedness bin {label}: the rows cannot "
+                             f"calibrate or check it.")
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"Non-finite pulls in the blendedness bin {label} (floor={floor}, "
+                             f"blend={blend}).")
         med = float(np.median(v))
         out.append({"blendedness": label, "n": int(len(v)),
                     "width": float(1.4826 * np.median(np.abs(v - med))), "median": med,

@@ -65,10 +65,11 @@ def _synthetic(n, floor, blend, seed):
             "diff": rng.normal(0.0, 1.0, n) * sigma}
 
 
-def test_calibration_recovers_a_known_error_model():
+def test_calibration_brings_known_pulls_to_unit_width():
     """Pulls drawn with a known (floor, blend): the Fisher errors alone are too small in every
     bin; the fitted model brings each bin's robust width to 1 within the width's standard
-    error (NOISE_N_SIGMA of MAD_WIDTH_SE / sqrt(n))."""
+    error (NOISE_N_SIGMA of MAD_WIDTH_SE / sqrt(n)). (The floor itself is weakly determined by
+    three widths: the fit is judged by the widths, not by the numbers it returns.)"""
     d = _synthetic(3000, 0.03, 0.6, seed=2)
     fisher = cal.stats(d, 0.0, 0.0)
     assert all(s["width"] > 3 for s in fisher[:3])
@@ -84,6 +85,28 @@ def test_calibration_recovers_a_known_error_model():
     assert s["width"] == pytest.approx(1.4826 * np.median(np.abs(p - np.median(p))),
                                        rel=F64_SAME_RTOL)
     assert s["within_1"] == pytest.approx(np.mean(np.abs(p) < 1), rel=F64_SAME_RTOL)
+
+
+def test_calibration_rows_with_nan_are_left_out_and_empty_bins_refused(tmp_path, capsys):
+    """A galaxy with a NaN Fisher error is reported and left out, not allowed to make every
+    objective NaN (which would fit (0, 0)); a bin with no galaxy is an error."""
+    d = _synthetic(600, 0.03, 0.6, seed=3)
+    rows = [{"matched": True, "blendedness": float(d["true_b"][i]),
+             "flux": float(d["diff"][i] + 1e5), "flux_true": 1e5, "flux_fit": float(d["flux"][i]),
+             "i_flux_err_fisher": float(d["fisher"][i]), "i_blendedness": float(d["b"][i])}
+            for i in range(600)]
+    rows[0]["i_flux_err_fisher"] = float("nan")
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"summary": {}, "rows": {"btkjax": rows}}))
+    got = cal.load(path)
+    assert len(got["diff"]) == 599 and "1 of 600" in capsys.readouterr().out
+    # (diff + 1e5) - 1e5 rounds at 1e5's float64 spacing
+    np.testing.assert_allclose(got["diff"], d["diff"][1:], rtol=0, atol=1e5 * F64_SAME_RTOL)
+    assert cal.fit(got, floors=np.arange(0.0, 0.1, 0.01),
+                   blends=np.arange(0.0, 1.5, 0.05)) != (0.0, 0.0)
+    low = {k: v[got["true_b"] >= 0.1] for k, v in got.items()}
+    with pytest.raises(ValueError, match="No matched galaxy in the blendedness bin < 0.1"):
+        cal.stats(low, 0.0, 0.0)
 
 
 def test_flux_error_model_is_the_calibration_on_record():

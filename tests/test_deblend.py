@@ -412,5 +412,9 @@ def test_forward_model_measure_in_btk_pipeline():
                 D.FluxErrorModel(floor=0.0, blend=float("nan"))):
         with pytest.raises(ValueError, match="must be finite and >= 0"):
             D.ForwardModelMeasure(flux_errors=bad)
-    with pytest.raises(ValueError, match="flux_errors must be"):
+    with pytest.raises(TypeError, match="flux_errors must be"):
         D.ForwardModelMeasure(flux_errors=(0.1, 0.2))
+    with pytest.raises(TypeError, match="FluxErrorModel.blend must be a number"):
+        D.ForwardModelMeasure(flux_errors=D.FluxErrorModel(floor=0.1, blend="0.2"))
+    with pytest.raises(ValueError, match=r"models must be \[blend, slot, band, S, S\]"):
+        D.model_blendedness(np.zeros((2, 3, 8, 8)))

@@ -1,5 +1,6 @@
 """The deblender's catalog priors, compact start and model comparison by merging."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from deblend_scene import PIXEL, fit_scene
 import btkjax
 from btkjax import deblend as D
 from btkjax.tolerances import (
+    DEBLEND_ERRORS_HESSIAN_RTOL,
     DEBLEND_NOISELESS_RTOL,
     F64_SAME_ATOL,
     F64_SAME_RTOL,
@@ -71,8 +73,82 @@ def test_colour_prior_term_is_the_gaussian_of_the_colours():
     scaled = gal._replace(flux=gal.flux * jnp.array([[7.0], [0.01], [1.0]]))
     assert float(D.model.prior_term(scaled, mask, prior)) == pytest.approx(
         want, rel=F64_SAME_RTOL)
-    with pytest.raises(ValueError, match=r"colour_icov must be \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"colour_icov of shape \(2, 2\)"):
         D.model.prior_term(gal, mask, prior._replace(colour_icov=np.eye(3)))
+
+
+def test_fisher_errors_with_a_colour_prior():
+    """Expected information with a colour prior: the likelihood's Fisher matrix (jax.hessian at
+    the noiseless image) plus the prior's J^T P J, by hand with J = dc/dF (-1/F_1, 1/F_2). A
+    prior adds information, so no error grows, also for a galaxy whose colour lies 1.5 from the
+    prior's mean, where the Hessian of -log prior has a negative eigenvalue (P (1 - d) / F_2^2
+    along F_2 for d > 1)."""
+    spec, psf_k = _spec(24)
+    true = D.Galaxies(x=jnp.array([[11.3]]), y=jnp.array([[12.6]]),
+                      flux=jnp.array([[[6000.0, 8000.0]]]), hlr=jnp.array([[0.45]]),
+                      g1=jnp.array([[0.15]]), g2=jnp.array([[-0.1]]), n=jnp.ones((1, 1)))
+    mask = jnp.ones((1, 1), bool)
+    image = D.model_images(true, mask, psf_k, spec).sum(axis=1)
+
+    def nll(v):
+        g = D.Galaxies(x=v[0:1][None], y=v[1:2][None], flux=v[2:4].reshape(1, 1, 2),
+                       hlr=v[4:5][None], g1=v[5:6][None], g2=v[6:7][None], n=jnp.ones((1, 1)))
+        return D.neg_log_likelihood(g, mask, image, psf_k, spec, SKY)[0]
+
+    v0 = jnp.array([11.3, 12.6, 6000.0, 8000.0, 0.45, 0.15, -0.1])
+    fisher = np.asarray(jax.hessian(nll)(v0))
+
+    def flat(e):
+        return np.concatenate([np.asarray(a)[0, 0].ravel() for a in
+                               (e.x, e.y, e.flux, e.hlr, e.g1, e.g2)])
+
+    e0, ok0 = D.fisher_errors(true, mask, image, psf_k, spec, SKY)
+    assert bool(ok0[0])
+    icov = np.array([[1 / 0.05**2]])
+    jac = np.zeros((1, 7))
+    jac[0, 2], jac[0, 3] = -1 / 6000.0, 1 / 8000.0
+    for offset in (0.0, 1.5):
+        prior = D.Prior(colour_mean=np.array([np.log(8000 / 6000) - offset]), colour_icov=icov)
+        want = np.sqrt(np.diag(np.linalg.inv(fisher + jac.T @ icov @ jac)))
+        e, ok = D.fisher_errors(true, mask, image, psf_k, spec, SKY, prior=prior)
+        assert bool(ok[0])
+        np.testing.assert_allclose(flat(e), want, rtol=DEBLEND_ERRORS_HESSIAN_RTOL)
+        assert np.all(flat(e) <= flat(e0) * (1 + DEBLEND_ERRORS_HESSIAN_RTOL))
+        assert flat(e)[3] < flat(e0)[3]  # the colour adds information on the flux
+    with pytest.raises(ValueError, match="symmetric positive definite"):
+        D.fisher_errors(true, mask, image, psf_k, spec, SKY,
+                        prior=D.Prior(colour_mean=np.zeros(1), colour_icov=-icov))
+    with pytest.raises(ValueError, match="colour_icov is 5.0"):
+        D.fit_blends(image, (np.full((1, 1), 11.0), np.full((1, 1), 13.0),
+                             np.ones((1, 1), bool)), psf_k, spec, SKY,
+                     prior=D.Prior(colour_icov=5.0))
+    with pytest.raises(ValueError, match="give both or neither"):
+        D.fisher_errors(true, mask, image, psf_k, spec, SKY,
+                        prior=D.Prior(colour_mean=np.zeros(1)))
+
+
+def test_fit_with_a_colour_prior_recovers_a_noiseless_galaxy():
+    """The jitted fit with a colour prior centred on the galaxy's colour (its gradient 0 at the
+    truth) recovers the noiseless galaxy; a prior 1 off its colour pulls the fainter band
+    toward it, by less than the prior's width allows."""
+    spec, psf_k = _spec(24)
+    true = D.Galaxies(x=jnp.array([[11.3]]), y=jnp.array([[12.6]]),
+                      flux=jnp.array([[[6000.0, 8000.0]]]), hlr=jnp.array([[0.45]]),
+                      g1=jnp.array([[0.15]]), g2=jnp.array([[-0.1]]), n=jnp.ones((1, 1)))
+    mask = jnp.ones((1, 1), bool)
+    image = D.model_images(true, mask, psf_k, spec).sum(axis=1)
+    det = (np.full((1, 1), 11.0), np.full((1, 1), 13.0), np.ones((1, 1), bool))
+    colour = np.log(8000 / 6000)
+    for offset in (0.0, 1.0):
+        prior = D.Prior(colour_mean=np.array([colour - offset]), colour_icov=np.eye(1) / 0.2**2)
+        res = D.fit_blends(image, det, psf_k, spec, SKY, rtol=1e-13, prior=prior)
+        got = np.asarray(res.galaxies.flux)[0, 0]
+        if offset == 0.0:
+            np.testing.assert_allclose(got, [6000.0, 8000.0], rtol=DEBLEND_NOISELESS_RTOL)
+            assert bool(np.isfinite(np.asarray(res.errors.flux)).all())
+        else:
+            fitted = np.log(got[1] / got[0])
+            assert colour - offset < fitted < colour - 1e-3  # pulled toward the mean
 
 
 def test_colour_prior_recovers_known_colours():
@@ -344,8 +420,10 @@ def test_forward_model_measure_priors():
                                    rtol=F64_SAME_RTOL)
         assert got._replace(colour_mean=0.0, colour_icov=0.0) == base
     assert colours.colour_icov.shape == (5, 5)
-    for bad in (0.0, -1.0, float("inf")):
+    for bad in (0.0, -1.0, float("inf"), True, "1"):
         with pytest.raises(ValueError, match="colour_width must be"):
             D.ForwardModelMeasure(colour_width=bad)
+    with pytest.raises(ValueError, match="has colour terms already"):
+        D.ForwardModelMeasure(prior=colours, colour_width=1.0).resolve_prior(survey)
     with pytest.raises(ValueError, match="prior must be"):
         D.ForwardModelMeasure(prior="flat")

@@ -17,6 +17,7 @@ from btkjax.deblend.model import (
     Prior,
     check_spec,
     nll_terms,
+    prior_residuals,
     prior_term,
     render_one,
     spec_model,
@@ -83,8 +84,8 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
 
         return jax.lax.map(one_slot, jnp.arange(n_slot))
 
-    def prior_of(v):
-        return prior_term(_unpack(v, n_band, bulge), mask1, prior)
+    def prior_res(v):
+        return prior_residuals(_unpack(v, n_band, bulge), mask1, prior)
 
     size = n_slot * n_free
     if information == "expected":
@@ -102,8 +103,11 @@ def _errors_one(gal1: Galaxies, mask1, image, sky, weight, psf_k, prior, *, spec
                else s3 + jnp.maximum(m0, 0.0))
         jac = slot_columns(model).reshape((size,) + m0.shape)  # [slot * free, band, S, S]
         hess = jnp.einsum("pbyx,qbyx->pq", jac, jac * (weight / var)[None])
-        hess_prior = jax.hessian(prior_of)(v0)[:, :n_free][:, :, :, :n_free]
-        hess = hess + hess_prior.reshape(size, size)
+        # the prior's Fisher information J^T J of its whitened residuals (`prior_residuals`):
+        # the expected Hessian of a Gaussian prior, positive semi-definite where the Hessian of
+        # -log prior need not be (a Gaussian on ln F is not convex in F)
+        jac_p = jax.jacfwd(prior_res)(v0)[:, :, :n_free].reshape(-1, size)
+        hess = hess + jac_p.T @ jac_p
     else:
         # The Hessian of -log L (+ prior) on the data: forward over reverse, as jax.hessian.
         def nll(v):
@@ -154,9 +158,12 @@ def fisher_errors(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky
 
     ``information="expected"`` (default): the likelihood is that of the fitted model's own
     noiseless image, so the Hessian is the Fisher matrix at the fit (the Cramer-Rao bound of
-    the fitted parameters): positive definite by construction, also in float32 and where the
-    model does not describe the data well. ``"observed"``: the likelihood of the data (the
-    observed information; it can be indefinite away from a well-fitting minimum).
+    the fitted parameters), and the prior's part is its Fisher information ``J^T J`` of the
+    whitened residuals (`prior_residuals`; the Hessian of -log prior itself can be indefinite,
+    e.g. a Gaussian on colours, i.e. on ln F): positive definite by construction, also in
+    float32 and where the model does not describe the data well. ``"observed"``: the
+    likelihood of the data (the observed information; it can be indefinite away from a
+    well-fitting minimum).
 
     Args:
         galaxies: fitted `Galaxies` [blend, slot, ...].

@@ -19,6 +19,7 @@ from btkjax.deblend.model import (
     Galaxies,
     Params,
     Prior,
+    check_prior,
     check_spec,
     nll_terms,
     prior_term,
@@ -262,7 +263,9 @@ def batch_inputs(images, sky, weight, prior, psf_k, chunk, mask):
     dtype = images.dtype
     sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
     weight = jnp.ones_like(images) if weight is None else jnp.asarray(weight, dtype)
-    prior = (Prior() if prior is None else prior).astype(dtype)
+    prior = Prior() if prior is None else prior
+    check_prior(prior, images.shape[1])
+    prior = prior.astype(dtype)
     psf_k = jnp.asarray(psf_k)
     chunk = check_chunk(chunk)
     mask = pad_mask(jnp.asarray(mask, bool), chunk)
@@ -316,6 +319,7 @@ def fit_unrolled(init: Galaxies, anchor_x, anchor_y, mask, images, psf_k, spec: 
     if isinstance(optimizer, str) and optimizer == "lbfgs":
         raise ValueError("fit_unrolled cannot differentiate L-BFGS's line search; use 'adam'.")
     prior = Prior() if prior is None else prior
+    check_prior(prior, images.shape[1])
     params = to_unconstrained(init, anchor_x, anchor_y, model, max_offset)
     sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
     return _unrolled_jit(params, anchor_x, anchor_y, mask, images, sky, psf_k,

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from btkjax.core.boxes import good_fft_size
 from btkjax.core.kinds import get_kind
@@ -28,7 +29,9 @@ __all__ = [
     "STATUS_NONFINITE", "STATUS_TOO_MANY", "STATUS_BAD_ERRORS", "STATUS_ADDED",
     "to_physical", "to_unconstrained", "to_sources", "fit_spec", "check_spec", "fixed_index",
     "spec_model", "n_params", "MODEL_KINDS",
-    "render_one", "NLLTerms", "nll_terms", "prior_term", "neg_log_likelihood", "psf_images", "model_images",
+    "render_one", "NLLTerms", "nll_terms", "prior_term", "prior_residuals", "check_prior",
+    "neg_log_likelihood",
+    "psf_images", "model_images",
     "trace_count", "TRACES",
 ]
 
@@ -344,31 +347,75 @@ def nll_terms(model, image, sky, weight, noise="poisson") -> NLLTerms:
     return NLLTerms(jnp.sum(weight * dev), chi2)
 
 
-def prior_term(gal1: Galaxies, mask1, prior: Prior):
-    """-log of the `Prior` of one blend's galaxies (constants dropped)."""
+def prior_residuals(gal1: Galaxies, mask1, prior: Prior):
+    """The whitened residuals ``r`` of the `Prior` of one blend's galaxies, [slot * k]:
+    ``prior_term = 0.5 sum(r^2)`` (a width of inf gives 0; masked slots give 0). Their Jacobian
+    J gives the prior's Fisher information ``J^T J`` (`fisher_errors`), positive semi-definite
+    where the Hessian of ``prior_term`` need not be (a Gaussian on ln F is not convex in F)."""
     log_flux = jnp.log(jnp.sum(gal1.flux, axis=-1))
     mean = prior.log_hlr_mean + prior.log_hlr_slope * (log_flux - prior.log_flux_ref)
-    z = (jnp.log(gal1.hlr) - mean) / prior.log_hlr_width
-    zg2 = (gal1.g1 ** 2 + gal1.g2 ** 2) / prior.g_width ** 2
-    zn = (gal1.n - prior.n_mean) / prior.n_width
-    terms = z * z + zg2 + zn * zn
+    cols = [((jnp.log(gal1.hlr) - mean) / prior.log_hlr_width)[:, None],
+            (gal1.g1 / prior.g_width)[:, None], (gal1.g2 / prior.g_width)[:, None],
+            ((gal1.n - prior.n_mean) / prior.n_width)[:, None]]
     if gal1.bulge_frac is not None:
         bf = jnp.clip(gal1.bulge_frac, 1e-30, 1.0)
-        zb = (jnp.log(bf) - jnp.log1p(-jnp.minimum(bf, 1 - 1e-7)) - prior.bulge_logit_mean) / \
-            prior.bulge_logit_width
-        zr = (jnp.log(gal1.bulge_hlr / gal1.hlr) - prior.log_bulge_ratio_mean) / \
-            prior.log_bulge_ratio_width
-        terms = terms + jnp.sum(zb * zb, axis=-1) + zr * zr
+        cols.append((jnp.log(bf) - jnp.log1p(-jnp.minimum(bf, 1 - 1e-7)) -
+                     prior.bulge_logit_mean) / prior.bulge_logit_width)
+        cols.append(((jnp.log(gal1.bulge_hlr / gal1.hlr) - prior.log_bulge_ratio_mean) /
+                     prior.log_bulge_ratio_width)[:, None])
     icov = jnp.asarray(prior.colour_icov)
     if icov.ndim:  # a precision matrix of the colours (the scalar default: no colour prior)
         n_band = gal1.flux.shape[-1]
-        if icov.shape != (n_band - 1, n_band - 1):
-            raise ValueError(f"Prior.colour_icov must be [{n_band - 1}, {n_band - 1}] for "
-                             f"{n_band} bands, got {icov.shape}.")
+        check_colour_shapes(jnp.shape(prior.colour_mean), icov.shape, n_band)
         log_f = jnp.log(gal1.flux)
         dc = log_f[:, 1:] - log_f[:, :-1] - prior.colour_mean
-        terms = terms + jnp.einsum("si,ij,sj->s", dc, icov, dc)
-    return 0.5 * jnp.sum(jnp.where(mask1, terms, 0.0))
+        # d^T P d = |L^T d|^2 with P = L L^T
+        cols.append(dc @ jnp.linalg.cholesky(icov))
+    elif jnp.ndim(prior.colour_mean):
+        raise ValueError(f"Prior.colour_mean has shape {jnp.shape(prior.colour_mean)} but "
+                         f"colour_icov is a scalar (no colour prior); give both or neither.")
+    r = jnp.concatenate(cols, axis=1)
+    return jnp.where(mask1[:, None], r, 0.0).ravel()
+
+
+def check_colour_shapes(mean_shape, icov_shape, n_band: int):
+    """Raise unless a colour prior's mean is [band - 1] and its precision [band - 1, band - 1]."""
+    k = n_band - 1
+    if tuple(icov_shape) != (k, k) or tuple(mean_shape) != (k,):
+        raise ValueError(f"A colour prior on {n_band} bands needs Prior.colour_mean of shape "
+                         f"({k},) and colour_icov of shape ({k}, {k}), got {tuple(mean_shape)} "
+                         f"and {tuple(icov_shape)}.")
+
+
+def check_prior(prior: Prior, n_band: int):
+    """Raise on a colour prior that cannot be one (before any fit): a non-zero scalar
+    ``colour_icov``, a ``colour_mean`` without a precision matrix, shapes other than [band - 1]
+    and [band - 1, band - 1], or a precision matrix that is not symmetric positive definite.
+    Traced leaves (a prior being learned) are checked by shape only, where they are used."""
+    icov, mean = prior.colour_icov, prior.colour_mean
+    if isinstance(icov, jax.core.Tracer) or isinstance(mean, jax.core.Tracer):
+        return
+    a = np.asarray(icov, float)
+    if a.ndim == 0:
+        if a != 0:
+            raise ValueError(f"Prior.colour_icov is {float(a)!r}: a colour prior needs a "
+                             f"[{n_band - 1}, {n_band - 1}] precision matrix (the scalar 0: "
+                             f"none).")
+        if np.ndim(mean):
+            raise ValueError(f"Prior.colour_mean has shape {np.shape(mean)} but colour_icov is "
+                             f"0 (no colour prior); give both or neither.")
+        return
+    check_colour_shapes(np.shape(mean), a.shape, n_band)
+    if not (np.all(np.isfinite(a)) and np.allclose(a, a.T) and
+            np.all(np.linalg.eigvalsh(0.5 * (a + a.T)) > 0)):
+        raise ValueError(f"Prior.colour_icov must be a finite symmetric positive definite "
+                         f"matrix, got {a.tolist()}.")
+
+
+def prior_term(gal1: Galaxies, mask1, prior: Prior):
+    """-log of the `Prior` of one blend's galaxies (constants dropped)."""
+    r = prior_residuals(gal1, mask1, prior)
+    return 0.5 * jnp.sum(r * r)
 
 
 def neg_log_likelihood(gal: Galaxies, mask, images, psf_k, spec: RenderSpec, sky,
