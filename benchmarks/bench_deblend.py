@@ -71,6 +71,7 @@ MATCH_PX = 5.0
 BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf),
         ("all", -np.inf, np.inf))
 BAND = 3  # i
+BANDS = "ugrizy"  # LSST's, in the images' order (the per-band rows of --rows-out)
 BOOTSTRAP = 1000  # resamplings of the blends for the medians' 68% intervals
 _COMPILE_S = [0.0]
 # the variant of the "btkjax_exp" rows: the default setup with exponential profiles (2.3x
@@ -131,6 +132,7 @@ def score_blend(truth, iso, out):
     has_nan = bool(len(dx) and not np.all(np.isfinite(deb)))
     m = match(tx, ty, dx, dy)
     bl = blendedness(iso[:, BAND])
+    bl_bands = np.stack([blendedness(iso[:, b]) for b in range(iso.shape[1])], axis=1)
     rows = []
     for j in range(n):
         row = {"blendedness": float(bl[j]), "matched": bool(m[j] >= 0), "dflux": np.nan,
@@ -152,6 +154,17 @@ def score_blend(truth, iso, out):
                 for col in ("i_flux_err_fisher", "i_blendedness"):
                     if col in cat.colnames:
                         row[col] = float(cat[col][m[j]])
+                # the same in every band (calibrate_flux_errors.py --band)
+                band_cols = [f"{b}_{c}" for b in BANDS[:len(d)]
+                             for c in ("flux", "flux_err_fisher", "blendedness")]
+                if all(c in cat.colnames for c in band_cols):
+                    row["bands"] = {b: {
+                        "flux": float(d[k].sum()), "flux_true": float(iso[j, k].sum()),
+                        "flux_fit": float(cat[f"{b}_flux"][m[j]]),
+                        "flux_err_fisher": float(cat[f"{b}_flux_err_fisher"][m[j]]),
+                        "blendedness_fit": float(cat[f"{b}_blendedness"][m[j]]),
+                        "blendedness": float(bl_bands[j, k])}
+                        for k, b in enumerate(BANDS[:len(d)])}
         rows.append(row)
     return rows, has_nan
 

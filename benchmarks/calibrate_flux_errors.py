@@ -14,6 +14,9 @@ a galaxy is (deblended - isolated) / sigma, with
 
     sigma^2 = fisher^2 + (floor * F)^2 + (blend * b * F)^2      (`FluxErrorModel`).
 
+``--band b``: another band's pulls instead of the i band's (the rows' ``bands``; binned by that
+band's true blendedness), e.g. to check in every band a model fitted on the i band.
+
 ``--fit``: the (floor, blend) on a grid (steps 0.0025 and 0.01) that minimizes the sum over the
 blendedness bins < 0.1, 0.1 - 0.5 and > 0.5 (the true blendedness, as bench_deblend.py bins) of
 ln(robust width)^2, robust width = 1.4826 x the median absolute deviation of the pulls (1 when
@@ -46,17 +49,27 @@ FLOORS = np.arange(0.0, 0.15, 0.0025)
 BLENDS = np.arange(0.0, 3.0, 0.01)
 
 
-def load(path, method="btkjax"):
-    """Arrays of the matched galaxies with finite Fisher errors in bench rows ``path``."""
+def load(path, method="btkjax", band="i"):
+    """Arrays of the matched galaxies with finite values in bench rows ``path``: the i band's
+    columns (binned by the i band's true blendedness), or with ``band`` another band's
+    (``bands`` of each row; binned by that band's true blendedness)."""
     with open(path) as fh:
         rows = json.load(fh)["rows"][method]
-    rows = [r for r in rows if r["matched"] and "i_flux_err_fisher" in r]
+    if band == "i":
+        rows = [r for r in rows if r["matched"] and "i_flux_err_fisher" in r]
+        get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
+        keys = {"true_b": "blendedness", "flux": "flux_fit", "fisher": "i_flux_err_fisher",
+                "b": "i_blendedness"}
+    else:
+        rows = [r["bands"][band] for r in rows if r["matched"] and band in r.get("bands", {})]
+        get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
+        keys = {"true_b": "blendedness", "flux": "flux_fit", "fisher": "flux_err_fisher",
+                "b": "blendedness_fit"}
     if not rows:
-        raise ValueError(f"{path} has no matched {method} galaxy with an i_flux_err_fisher; "
+        raise ValueError(f"{path} has no matched {method} galaxy with {band}-band errors; "
                          f"run bench_deblend.py with --rows-out on this version.")
-    get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
-    d = {"true_b": get("blendedness"), "diff": get("flux") - get("flux_true"),
-         "flux": get("flux_fit"), "fisher": get("i_flux_err_fisher"), "b": get("i_blendedness")}
+    d = {k: get(v) for k, v in keys.items()}
+    d["diff"] = get("flux") - get("flux_true")
     finite = np.all([np.isfinite(v) for v in d.values()], axis=0)
     if not finite.all():
         # a galaxy with a NaN error (a Hessian not positive definite) or a non-finite image:
@@ -109,20 +122,30 @@ def main(argv=None):
     what.add_argument("--fit", metavar="ROWS")
     what.add_argument("--check", metavar="ROWS")
     ap.add_argument("--model", default=None, help="floor,blend to check (default btkjax's)")
+    ap.add_argument("--band", default="i",
+                    help="the band whose pulls are fitted or checked; --check takes a comma "
+                         "list (e.g. u,g,r,i,z,y)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     path = args.fit or args.check
-    d = load(path)
+    bands = args.band.split(",")
+    if args.fit and len(bands) != 1:
+        raise SystemExit(f"--fit fits one band, got --band {args.band}.")
     if args.fit:
-        floor, blend = fit(d)
+        floor, blend = fit(load(path, band=bands[0]))
     elif args.model:
         floor, blend = (float(v) for v in args.model.split(","))
     else:
         floor, blend = FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend
-    rows = ([{"errors": "fisher", **s} for s in stats(d, 0.0, 0.0)] +
-            [{"errors": f"floor {floor:g}, blend {blend:g}", **s} for s in stats(d, floor, blend)])
-    print(f"{'fitted on' if args.fit else 'checked on'} {path}: floor={floor:g}, blend={blend:g}")
-    print(table(rows, ["errors", "blendedness", "n", "width", "median", "within_1",
+    rows = []
+    for band in bands:
+        d = load(path, band=band)
+        rows += ([{"band": band, "errors": "fisher", **s} for s in stats(d, 0.0, 0.0)] +
+                 [{"band": band, "errors": f"floor {floor:g}, blend {blend:g}", **s}
+                  for s in stats(d, floor, blend)])
+    print(f"{'fitted on' if args.fit else 'checked on'} {path}, band {args.band}: "
+          f"floor={floor:g}, blend={blend:g}")
+    print(table(rows, ["band", "errors", "blendedness", "n", "width", "median", "within_1",
                        "within_2", "abs_q68", "abs_q95"]))
     out = args.out or (os.path.join(os.path.dirname(__file__), "results",
                                     "flux_error_calibration.json") if args.fit else None)
@@ -130,9 +153,9 @@ def main(argv=None):
         with open(path) as fh:
             summary = json.load(fh)["summary"]
         write_json(out, {"machine": machine(), "rows_file": os.path.basename(path),
-                         "bench_summary": summary, "mode": "fit" if args.fit else "check",
-                         "floor": floor, "blend": blend, "stats": rows})
-
+                         "bands": bands, "bench_summary": summary,
+                         "mode": "fit" if args.fit else "check", "floor": floor, "blend": blend,
+                         "stats": rows})
 
 if __name__ == "__main__":
     main()

@@ -96,6 +96,11 @@ def test_calibration_rows_with_nan_are_left_out_and_empty_bins_refused(tmp_path,
              "i_flux_err_fisher": float(d["fisher"][i]), "i_blendedness": float(d["b"][i])}
             for i in range(600)]
     rows[0]["i_flux_err_fisher"] = float("nan")
+    for r in rows:  # another band's columns: the i band's scaled by 2
+        r["bands"] = {"r": {"flux": 2 * r["flux"], "flux_true": 2e5,
+                            "flux_fit": 2 * r["flux_fit"], "flux_err_fisher": 2 * r[
+                                "i_flux_err_fisher"], "blendedness_fit": r["i_blendedness"],
+                            "blendedness": r["blendedness"]}}
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"summary": {}, "rows": {"btkjax": rows}}))
     got = cal.load(path)
@@ -104,6 +109,10 @@ def test_calibration_rows_with_nan_are_left_out_and_empty_bins_refused(tmp_path,
     np.testing.assert_allclose(got["diff"], d["diff"][1:], rtol=0, atol=1e5 * F64_SAME_RTOL)
     assert cal.fit(got, floors=np.arange(0.0, 0.1, 0.01),
                    blends=np.arange(0.0, 1.5, 0.05)) != (0.0, 0.0)
+    got_r = cal.load(path, band="r")  # the same galaxies, pulls unchanged by the scale
+    np.testing.assert_allclose(got_r["diff"], 2 * got["diff"], rtol=F64_SAME_RTOL)
+    for a, b in zip(cal.stats(got_r, 0.03, 0.6), cal.stats(got, 0.03, 0.6), strict=True):
+        assert a["width"] == pytest.approx(b["width"], rel=F64_SAME_RTOL)
     low = {k: v[got["true_b"] >= 0.1] for k, v in got.items()}
     with pytest.raises(ValueError, match="No matched galaxy in the blendedness bin < 0.1"):
         cal.stats(low, 0.0, 0.0)
