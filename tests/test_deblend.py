@@ -391,12 +391,13 @@ def test_forward_model_measure_in_btk_pipeline():
     same = dict(max_sources=4, max_steps=60, detection="sep", split_sources=False,
                 merge_sources=False, start_hlr=None, model="exponential")
     fm2 = D.ForwardModelMeasure(deblended="model", flux_errors=fem, **same)
-    fm3 = D.ForwardModelMeasure(flux_errors=None, **same)
     n_blended = 0
     for i in range(len(n_sep)):
+        fm2.flux_errors = fem
         out = fm2(blend_results, i, surveys=[survey])
         c, deb = out["catalog"], np.asarray(out["deblended_images"], float)
-        c3 = fm3(blend_results, i, surveys=[survey])["catalog"]
+        fm2.flux_errors = None  # the same cached fit, its catalog without the error model
+        c3 = fm2(blend_results, i, surveys=[survey])["catalog"]
         for b, band in enumerate(bands):
             want_b = btkjax.metrics.blendedness(deb[:, b]) if len(c) else np.zeros(0)
             np.testing.assert_allclose(c[f"{band}_blendedness"], want_b, rtol=0,
@@ -408,6 +409,7 @@ def test_forward_model_measure_in_btk_pipeline():
             np.testing.assert_allclose(c[f"{band}_flux_err"], want, rtol=F64_SAME_RTOL)
             np.testing.assert_array_equal(c3[f"{band}_flux_err"], c3[f"{band}_flux_err_fisher"])
     assert n_blended > 0  # the blend term was exercised
+    assert fm2.n_fits == 1  # one fit served both
     for bad in (D.FluxErrorModel(floor=-0.1, blend=0.0),
                 D.FluxErrorModel(floor=0.0, blend=float("nan"))):
         with pytest.raises(ValueError, match="must be finite and >= 0"):

@@ -77,18 +77,23 @@ def test_colour_prior_term_is_the_gaussian_of_the_colours():
         D.model.prior_term(gal, mask, prior._replace(colour_icov=np.eye(3)))
 
 
+def _one_galaxy():
+    """(spec, psf_k, truth, mask, noiseless image) of one galaxy of two colours on 24 pixels."""
+    spec, psf_k = _spec(24)
+    true = D.Galaxies(x=jnp.array([[11.3]]), y=jnp.array([[12.6]]),
+                      flux=jnp.array([[[6000.0, 8000.0]]]), hlr=jnp.array([[0.45]]),
+                      g1=jnp.array([[0.15]]), g2=jnp.array([[-0.1]]), n=jnp.ones((1, 1)))
+    mask = jnp.ones((1, 1), bool)
+    return spec, psf_k, true, mask, D.model_images(true, mask, psf_k, spec).sum(axis=1)
+
+
 def test_fisher_errors_with_a_colour_prior():
     """Expected information with a colour prior: the likelihood's Fisher matrix (jax.hessian at
     the noiseless image) plus the prior's J^T P J, by hand with J = dc/dF (-1/F_1, 1/F_2). A
     prior adds information, so no error grows, also for a galaxy whose colour lies 1.5 from the
     prior's mean, where the Hessian of -log prior has a negative eigenvalue (P (1 - d) / F_2^2
     along F_2 for d > 1)."""
-    spec, psf_k = _spec(24)
-    true = D.Galaxies(x=jnp.array([[11.3]]), y=jnp.array([[12.6]]),
-                      flux=jnp.array([[[6000.0, 8000.0]]]), hlr=jnp.array([[0.45]]),
-                      g1=jnp.array([[0.15]]), g2=jnp.array([[-0.1]]), n=jnp.ones((1, 1)))
-    mask = jnp.ones((1, 1), bool)
-    image = D.model_images(true, mask, psf_k, spec).sum(axis=1)
+    spec, psf_k, true, mask, image = _one_galaxy()
 
     def nll(v):
         g = D.Galaxies(x=v[0:1][None], y=v[1:2][None], flux=v[2:4].reshape(1, 1, 2),
@@ -131,12 +136,7 @@ def test_fit_with_a_colour_prior_recovers_a_noiseless_galaxy():
     """The jitted fit with a colour prior centred on the galaxy's colour (its gradient 0 at the
     truth) recovers the noiseless galaxy; a prior 1 off its colour pulls the fainter band
     toward it, by less than the prior's width allows."""
-    spec, psf_k = _spec(24)
-    true = D.Galaxies(x=jnp.array([[11.3]]), y=jnp.array([[12.6]]),
-                      flux=jnp.array([[[6000.0, 8000.0]]]), hlr=jnp.array([[0.45]]),
-                      g1=jnp.array([[0.15]]), g2=jnp.array([[-0.1]]), n=jnp.ones((1, 1)))
-    mask = jnp.ones((1, 1), bool)
-    image = D.model_images(true, mask, psf_k, spec).sum(axis=1)
+    spec, psf_k, true, mask, image = _one_galaxy()
     det = (np.full((1, 1), 11.0), np.full((1, 1), 13.0), np.ones((1, 1), bool))
     colour = np.log(8000 / 6000)
     for offset in (0.0, 1.0):

@@ -10,6 +10,16 @@ from btkjax.galaxies import band_fluxes
 __all__ = ["catalog_prior", "colour_prior"]
 
 
+def _in_cut(catalog, max_mag, min_mag, mag_name):
+    """(table, rows with min_mag < mag <= max_mag, the magnitude column used: ``mag_name``,
+    or "i_ab" where the table has no such column)."""
+    table = getattr(catalog, "table", catalog)
+    if mag_name not in table.colnames:
+        mag_name = "i_ab"
+    mag = np.asarray(table[mag_name], float)
+    return table, np.flatnonzero((mag > min_mag) & (mag <= max_mag)), mag_name
+
+
 def catalog_prior(catalog, survey, max_mag: float = 25.3, min_mag: float = -np.inf,
                   mag_name: str = "ref_mag") -> Prior:
     """The `Prior` of a CatSim-like catalog's galaxies as a survey sees them.
@@ -31,11 +41,7 @@ def catalog_prior(catalog, survey, max_mag: float = 25.3, min_mag: float = -np.i
     Returns:
         `Prior` (float64 numbers; `Prior.astype` casts it).
     """
-    table = getattr(catalog, "table", catalog)
-    if mag_name not in table.colnames:
-        mag_name = "i_ab"
-    mag = np.asarray(table[mag_name], float)
-    rows = np.flatnonzero((mag > min_mag) & (mag <= max_mag))
+    table, rows, mag_name = _in_cut(catalog, max_mag, min_mag, mag_name)
     if len(rows) < 10:
         raise ValueError(f"catalog_prior needs at least 10 galaxies with {min_mag} < {mag_name} "
                          f"<= {max_mag}; the catalog has {len(rows)}.")
@@ -76,11 +82,7 @@ def colour_prior(catalog, survey, max_mag: float = 25.3, min_mag: float = -np.in
     Returns:
         `Prior` (float64 arrays; `Prior.astype` casts it).
     """
-    table = getattr(catalog, "table", catalog)
-    if mag_name not in table.colnames:
-        mag_name = "i_ab"
-    mag = np.asarray(table[mag_name], float)
-    rows = np.flatnonzero((mag > min_mag) & (mag <= max_mag))
+    table, rows, mag_name = _in_cut(catalog, max_mag, min_mag, mag_name)
     flux = band_fluxes(table[rows], survey)
     ok = np.all(flux > 0, axis=1)
     n_band = flux.shape[1]
