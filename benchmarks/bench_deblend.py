@@ -150,8 +150,7 @@ def score_blend(truth, iso, out):
                 row["pull"] = (d[BAND].sum() - f_true) / err if err > 0 else np.nan
                 # what benchmarks/calibrate_flux_errors.py needs to refit the error model
                 row["flux"], row["flux_true"] = float(d[BAND].sum()), float(f_true)
-                row["flux_fit"] = float(cat["i_flux"][m[j]])
-                for col in ("i_flux_err_fisher", "i_blendedness"):
+                for col in ("i_flux", "i_flux_err_fisher", "i_blendedness"):
                     if col in cat.colnames:
                         row[col] = float(cat[col][m[j]])
                 # the same in every band (calibrate_flux_errors.py --band)

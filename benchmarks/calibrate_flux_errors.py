@@ -58,8 +58,10 @@ def load(path, method="btkjax", band="i"):
     if band == "i":
         rows = [r for r in rows if r["matched"] and "i_flux_err_fisher" in r]
         get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
-        keys = {"true_b": "blendedness", "flux": "flux_fit", "fisher": "i_flux_err_fisher",
-                "b": "i_blendedness"}
+        # ("flux_fit": the fitted i flux in rows written before 2026-12-02 07:40 UTC)
+        keys = {"true_b": "blendedness",
+                "flux": "i_flux" if rows and "i_flux" in rows[0] else "flux_fit",
+                "fisher": "i_flux_err_fisher", "b": "i_blendedness"}
     else:
         rows = [r["bands"][band] for r in rows if r["matched"] and band in r.get("bands", {})]
         get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731

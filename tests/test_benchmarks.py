@@ -40,6 +40,42 @@ def test_bench_matching_by_hand():
     np.testing.assert_array_equal(got, [1, 0, -1])
 
 
+def test_bench_weighted_moments_of_an_elliptical_gaussian():
+    """A Gaussian of covariance C weighted by a round one of sigma 3 px is a Gaussian of
+    covariance (C^-1 + I / 9)^-1: its distortion by hand (sampled at 1.5 px or wider, the pixel
+    sums equal the integrals to float64 rounding)."""
+    c = np.array([[6.0, 1.5], [1.5, 3.0]])
+    yy, xx = np.mgrid[0:64, 0:64].astype(float)
+    d = np.stack([xx - 31.3, yy - 32.6], axis=-1)
+    img = np.exp(-0.5 * np.einsum("...i,ij,...j->...", d, np.linalg.inv(c), d))
+    cw = np.linalg.inv(np.linalg.inv(c) + np.eye(2) / 9.0)
+    want = ((cw[0, 0] - cw[1, 1]) / np.trace(cw), 2 * cw[0, 1] / np.trace(cw))
+    np.testing.assert_allclose(bench_deblend.moments_e(img, 31.3, 32.6), want, rtol=1e-10)
+
+
+def test_bench_scores_by_hand():
+    """One blend of two galaxies (flat squares), one detected: the matched galaxy's deblended
+    image is 1.1x its isolated image in every band, so dflux = 0.1, mse = mean((0.1 I)^2) and
+    the pull = 0.1 F / i_flux_err; the other is unmatched; a NaN pixel is counted."""
+    from astropy.table import Table
+
+    iso = np.zeros((2, 6, 20, 20))
+    iso[0, :, 2:6, 2:6] = 10.0
+    iso[1, :, 12:16, 12:16] = 5.0
+    truth = Table({"x_peak": [3.5, 13.5], "y_peak": [3.5, 13.5]})
+    cat = Table({"x_peak": [3.0], "y_peak": [4.0], "i_flux_err": [16.0]})
+    out = {"catalog": cat, "deblended_images": 1.1 * iso[:1]}
+    rows, bad = bench_deblend.score_blend(truth, iso, out)
+    assert not bad and [r["matched"] for r in rows] == [True, False]
+    assert rows[0]["dflux"] == pytest.approx(0.1, rel=F64_SAME_RTOL)
+    assert rows[0]["mse"] == pytest.approx((1.0**2) * 16 / 400, rel=F64_SAME_RTOL)
+    assert rows[0]["pull"] == pytest.approx(0.1 * 160.0 / 16.0, rel=F64_SAME_RTOL)
+    assert rows[0]["blendedness"] == 0.0 and np.isnan(rows[1]["dflux"])
+    out["deblended_images"] = out["deblended_images"].copy()
+    out["deblended_images"][0, 2, 0, 0] = np.nan
+    assert bench_deblend.score_blend(truth, iso, out)[1]
+
+
 def test_bootstrap_interval_of_the_median():
     """One blend: every resampling is that blend, the interval is its median. Many blends of one
     Gaussian galaxy each: the interval holds the median and its half-width is near the median's
@@ -92,13 +128,13 @@ def test_calibration_rows_with_nan_are_left_out_and_empty_bins_refused(tmp_path,
     objective NaN (which would fit (0, 0)); a bin with no galaxy is an error."""
     d = _synthetic(600, 0.03, 0.6, seed=3)
     rows = [{"matched": True, "blendedness": float(d["true_b"][i]),
-             "flux": float(d["diff"][i] + 1e5), "flux_true": 1e5, "flux_fit": float(d["flux"][i]),
+             "flux": float(d["diff"][i] + 1e5), "flux_true": 1e5, "i_flux": float(d["flux"][i]),
              "i_flux_err_fisher": float(d["fisher"][i]), "i_blendedness": float(d["b"][i])}
             for i in range(600)]
     rows[0]["i_flux_err_fisher"] = float("nan")
     for r in rows:  # another band's columns: the i band's scaled by 2
         r["bands"] = {"r": {"flux": 2 * r["flux"], "flux_true": 2e5,
-                            "flux_fit": 2 * r["flux_fit"], "flux_err_fisher": 2 * r[
+                            "flux_fit": 2 * r["i_flux"], "flux_err_fisher": 2 * r[
                                 "i_flux_err_fisher"], "blendedness_fit": r["i_blendedness"],
                             "blendedness": r["blendedness"]}}
     path = tmp_path / "rows.json"
