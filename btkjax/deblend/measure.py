@@ -35,7 +35,6 @@ BULGE_DISK_PRIOR = Prior(bulge_logit_mean=-2.4, bulge_logit_width=1.9,
                          log_bulge_ratio_mean=-0.77, log_bulge_ratio_width=0.61)
 
 
-
 class FluxErrorModel(NamedTuple):
     """The flux error of a galaxy in a blend: its Fisher error and what no one fit's Fisher
     matrix counts, the light a profile that does not describe the galaxy exactly takes from or
