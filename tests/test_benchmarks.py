@@ -50,7 +50,8 @@ def test_bench_weighted_moments_of_an_elliptical_gaussian():
     img = np.exp(-0.5 * np.einsum("...i,ij,...j->...", d, np.linalg.inv(c), d))
     cw = np.linalg.inv(np.linalg.inv(c) + np.eye(2) / 9.0)
     want = ((cw[0, 0] - cw[1, 1]) / np.trace(cw), 2 * cw[0, 1] / np.trace(cw))
-    np.testing.assert_allclose(bench_deblend.moments_e(img, 31.3, 32.6), want, rtol=1e-10)
+    np.testing.assert_allclose(bench_deblend.moments_e(img, 31.3, 32.6), want,
+                               rtol=F64_SAME_RTOL)
 
 
 def test_bench_scores_by_hand():

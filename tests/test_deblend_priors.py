@@ -183,7 +183,7 @@ def test_colour_prior_recovers_known_colours():
     log_f = np.log(fluxes)
     d = np.diff(log_f, axis=1) - p.colour_mean
     maha = np.einsum("ni,ij,nj->n", d, p.colour_icov, d)
-    assert maha.mean() == pytest.approx((n - 1) / n * (len(bands) - 1), rel=1e-9)
+    assert maha.mean() == pytest.approx((n - 1) / n * (len(bands) - 1), rel=F64_SAME_RTOL)
     with pytest.raises(ValueError, match="positive fluxes in every band"):
         D.colour_prior(t, survey, max_mag=15.0)
 
