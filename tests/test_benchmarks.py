@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 
 import bench_deblend  # noqa: E402
 import calibrate_flux_errors as cal  # noqa: E402
+import compare_rows  # noqa: E402
 
 
 def test_bench_blendedness_is_btks():
@@ -160,3 +161,32 @@ def test_flux_error_model_is_the_calibration_on_record():
     rec = json.loads((BENCH / "results" / "flux_error_calibration.json").read_text())
     assert rec["mode"] == "fit"
     assert (FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend) == (rec["floor"], rec["blend"])
+
+
+def test_compare_rows_is_a_paired_bootstrap_of_the_bins_medians():
+    """Two runs on the same blends: where run B's flux error is run A's less 0.05 for every
+    matched galaxy of a bin, the difference of the bin's medians is -0.05 in every resampling
+    (the same blends are drawn for both); a galaxy B matches that A did not counts in B's
+    median only; rows of other blends are refused."""
+    rng = np.random.default_rng(3)
+    n = 60
+    bl = np.concatenate([rng.uniform(0.0, 0.09, n), rng.uniform(0.6, 0.9, n)])
+    blend = np.repeat(np.arange(n), 2)
+    da = rng.uniform(0.1, 0.5, 2 * n)
+    rows_a = [{"blendedness": float(b), "matched": True, "dflux": float(d), "blend": int(k)}
+              for b, d, k in zip(bl, da, blend, strict=True)]
+    rows_b = [dict(r, dflux=r["dflux"] - 0.05) for r in rows_a]
+    out = compare_rows.paired(rows_a, rows_b, n_boot=200)
+    for name in ("< 0.1", "> 0.5", "all"):
+        np.testing.assert_allclose(out[name]["diff_percentiles"], -0.05, rtol=F64_SAME_RTOL)
+        assert out[name]["matched_a"] == out[name]["matched_b"] == out[name]["n_true"]
+    assert out["0.1 - 0.5"]["n_true"] == 0
+    # one galaxy A missed, B matched with a huge error: B's median moves, A's does not
+    rows_a[-1] = dict(rows_a[-1], matched=False, dflux=float("nan"))
+    rows_b[-1] = dict(rows_b[-1], dflux=100.0)
+    out = compare_rows.paired(rows_a, rows_b, n_boot=200)
+    heavy = [r["dflux"] for r in rows_a if r["blendedness"] > 0.5 and r["matched"]]
+    assert out["> 0.5"]["matched_b"] == out["> 0.5"]["matched_a"] + 1
+    assert out["> 0.5"]["median_a"] == pytest.approx(float(np.median(heavy)), rel=F64_SAME_RTOL)
+    with pytest.raises(ValueError, match="not of the same blends"):
+        compare_rows.paired(rows_a, rows_b[:-1])

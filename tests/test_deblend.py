@@ -410,6 +410,20 @@ def test_forward_model_measure_in_btk_pipeline():
             np.testing.assert_array_equal(c3[f"{band}_flux_err"], c3[f"{band}_flux_err_fisher"])
     assert n_blended > 0  # the blend term was exercised
     assert fm2.n_fits == 1  # one fit served both
+    # detection="truth": the fit starts from the true centres, one galaxy per true galaxy
+    # (nothing added, split or merged; at most max_sources), the brightest fitted within a pixel of its centre
+    fm3 = D.ForwardModelMeasure(**{**same, "detection": "truth", "add_sources": 0,
+                                   "move_sources": False})
+    for i in range(len(n_sep)):
+        truth = blend_results["blend_list"][i]
+        c = fm3(blend_results, i, surveys=[survey])["catalog"]
+        assert len(c) == min(len(truth), same["max_sources"])
+        k = int(np.argmax(c["i_flux"]))
+        d = np.hypot(np.asarray(truth["x_peak"]) - c["x_peak"][k],
+                     np.asarray(truth["y_peak"]) - c["y_peak"][k])
+        assert d.min() < 1.0
+    with pytest.raises(ValueError, match="'sep', 'coadd' or 'truth'"):
+        D.ForwardModelMeasure(detection="peaks")
     for bad in (D.FluxErrorModel(floor=-0.1, blend=0.0),
                 D.FluxErrorModel(floor=0.0, blend=float("nan"))):
         with pytest.raises(ValueError, match="must be finite and >= 0"):

@@ -148,6 +148,10 @@ STREAM_PEAK_RSS_BYTES = 2 * 1024**3
 # parameter recovered to 1e-3 relative (positions: 1e-3 pixel; ellipticities: 1e-3 absolute,
 # since g may be 0). Measured ~1e-7 after 1000 Adam steps (tests/test_deblend.py).
 DEBLEND_NOISELESS_RTOL = 1e-3
+# `btkjax.deblend.mirror` (band-limited interpolation) of a round Gaussian of sigma 2 pixels
+# through a centre off the pixel grid, float64: exact but for the Gaussian's spectrum beyond the
+# Nyquist frequency, exp(-2 pi^2 sigma^2 / 4) = 2.7e-9 of its peak; measured 8.9e-10.
+MIRROR_GAUSSIAN_ATOL = 1e-8
 # The bar set for the deblender. Noisy blends: pulls (fit - truth) / sqrt(CRB) of fluxes and
 # ellipticities have mean within 0.1 (bias, estimated with the linearized estimator as control
 # variate so that its standard error is far below 0.1) and width within 20% of 1.

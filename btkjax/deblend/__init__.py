@@ -75,7 +75,10 @@ Galaxies the detection missed (`residual_peaks`, ``add_sources``): a fitted sing
 absorbs the light of an undetected neighbour. The matched-filtered residual, divided by its
 noise (Poisson plus a few percent of the model for model mismatch), shows such a neighbour; it
 is put in a free slot and the blend fitted again, and the refit is kept when -log L drops by
-more than the number of new parameters.
+more than the number of new parameters. A neighbour hidden in a galaxy whose profile the model
+does not quite describe (a bulge and a disk fitted with one Sersic profile) is found in the
+antisymmetric part of that galaxy's light about its fitted centre (`asymmetry_peaks`,
+``asymmetry_sources``): any point-symmetric galaxy cancels there, whatever its profile.
 
 Galaxies merged into one detection (``split_sources``, `split_candidates`): a single profile
 fitted to two merged galaxies leaves an excess of residual chi-square near it rather than a peak;
@@ -100,7 +103,8 @@ Modules (each public name is importable from ``btkjax.deblend``):
 - `btkjax.deblend.init`: `init_galaxies`;
 - `btkjax.deblend.fit`: `fit`, `fit_unrolled` (the optimizer loops);
 - `btkjax.deblend.errors`: `fisher_errors`;
-- `btkjax.deblend.residual`: `residual_peaks`;
+- `btkjax.deblend.residual`: `residual_peaks`, `asymmetry_peaks`, `mirror`, the split and
+  merge candidates;
 - `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`;
 - `btkjax.deblend.measure`: `ForwardModelMeasure`, `crop_size`, `crop_origins`;
 - `btkjax.deblend.scarlet`: `Scarlet2Measure` (imports scarlet2 only when called);
@@ -177,7 +181,9 @@ from btkjax.deblend.residual import (
     MergeCandidates,
     ResidualPeaks,
     SplitCandidates,
+    asymmetry_peaks,
     merge_candidates,
+    mirror,
     residual_peaks,
     split_candidates,
 )
@@ -214,6 +220,8 @@ __all__ = [
     "fit_blends",
     "fisher_errors",
     "residual_peaks",
+    "asymmetry_peaks",
+    "mirror",
     "split_candidates",
     "SplitCandidates",
     "merge_candidates",

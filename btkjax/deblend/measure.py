@@ -13,7 +13,14 @@ from astropy.table import Table
 
 from btkjax.catalog import CatsimCatalog
 from btkjax.core.step import blendedness
-from btkjax.deblend.model import MODELS, STATUS_TOO_MANY, Prior, fit_spec, model_images
+from btkjax.deblend.model import (
+    MODELS,
+    STATUS_TOO_MANY,
+    Galaxies,
+    Prior,
+    fit_spec,
+    model_images,
+)
 from btkjax.deblend.pipeline import fit_blends, pad_detections
 from btkjax.deblend.priors import catalog_prior, colour_prior
 from btkjax.measure import pixel_to_arcsec, select_survey, sep_singleband_measure
@@ -153,6 +160,33 @@ def crop_size(x, y, mask, stamp_pixels: int, margin: float, step: int = 16) -> i
     return int(min(stamp_pixels, -(-need // step) * step))
 
 
+def join_concentric(gal: Galaxies, errors: Galaxies | None, mask, models, join_pixels: float):
+    """Fitted profiles of one blend whose centres lie within ``join_pixels`` of a brighter
+    one's are that galaxy's components (a bulge and a disk fitted as a compact core and an
+    extended profile): each is joined to the brightest such galaxy, its flux and model added
+    to it (flux errors in quadrature), its slot emptied; the galaxy keeps its brightest
+    component's centre and shape. Returns (galaxies, errors, mask, models), numpy."""
+    gal = jax.tree.map(np.array, gal)
+    errors = None if errors is None else jax.tree.map(np.array, errors)
+    mask, models = np.array(mask, bool), np.array(models)
+    total = gal.flux.sum(axis=-1)
+    for b in range(mask.shape[0]):
+        slots = [k for k in np.argsort(-total[b]) if mask[b, k]]
+        for i, k in enumerate(slots):
+            if not mask[b, k]:
+                continue
+            for j in slots[i + 1:]:
+                if mask[b, j] and np.hypot(gal.x[b, j] - gal.x[b, k],
+                                           gal.y[b, j] - gal.y[b, k]) < join_pixels:
+                    gal.flux[b, k] += gal.flux[b, j]
+                    models[b, k] += models[b, j]
+                    models[b, j] = 0.0
+                    if errors is not None:
+                        errors.flux[b, k] = np.hypot(errors.flux[b, k], errors.flux[b, j])
+                    mask[b, j] = False
+    return gal, errors, mask, models
+
+
 class ForwardModelMeasure:
     """A BTK measure function that fits each batch once and serves every blend from a cache.
 
@@ -188,12 +222,20 @@ class ForwardModelMeasure:
             detections). The default, 2, is what beats SEP on blended galaxies in
             ``benchmarks/bench_deblend.py``: without it a galaxy's model absorbs the light of an
             undetected neighbour.
+        asymmetry_sources: galaxies per blend hidden in a fitted galaxy's light, looked for in
+            the antisymmetric part of its light about its centre before the residual rounds
+            (`fit_blends`'s ``asymmetry_sources``, `asymmetry_peaks`) and added when the
+            likelihood says so; 0: none. The default, 2, was chosen on the tuning seeds of
+            ``benchmarks/bench_deblend.py`` (more blendedness > 0.5 galaxies matched).
         dtype: fit dtype (default the images'; float64 needs jax_enable_x64).
         name: the name under which `MeasureGenerator` reports it.
         sep_kwargs: keyword arguments of the detection (`sep_singleband_measure`, or
             `coadd_detections` for ``detection="coadd"``).
         detection: "sep" (SEP on the i band, `sep_singleband_measure`: the detections SEP and
-            scarlet2 get) or "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`).
+            scarlet2 get), "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`), or
+            "truth" (the true centres, ``x_peak`` and ``y_peak`` of the batch's
+            ``blend_list``, as BTK's scarlet tutorial gave scarlet: what the deblender does
+            when detection is not the limit, a diagnostic).
         prior: "auto" (the default: `SERSIC_INDEX_PRIOR` on the index for model="sersic",
             `BULGE_DISK_PRIOR` on the bulge for model="bulge+disk",
             nothing else), None (none), a `Prior`, or "catalog": `catalog_prior` of the
@@ -235,14 +277,15 @@ class ForwardModelMeasure:
     def __init__(self, model: str = "sersic", max_sources: int = 6, deblended="model",
                  seg_factor: float = 3.0, pad_pixels: int = 8, fit_pixels="auto",
                  crop_margin: float = 3.2, errors: bool = True, add_sources: int = 2,
+                 asymmetry_sources: int = 2, join_pixels: float | None = None,
                  dtype=None, name: str = "forward_model", sep_kwargs=None,
                  detection: str = "coadd", prior="auto", split_sources: bool = True,
                  merge_sources: bool = True, move_sources: bool = True,
                  start_hlr: float | None = 0.1,
                  flux_errors: FluxErrorModel | None = FLUX_ERROR_MODEL,
                  colour_width: float | None = None, **fit_kwargs):
-        if detection not in ("sep", "coadd"):
-            raise ValueError(f"detection must be 'sep' or 'coadd', got {detection!r}.")
+        if detection not in ("sep", "coadd", "truth"):
+            raise ValueError(f"detection must be 'sep', 'coadd' or 'truth', got {detection!r}.")
         self.detection = detection
         if not (prior is None or isinstance(prior, Prior) or
                 (isinstance(prior, str) and prior in ("auto", "catalog"))):
@@ -291,6 +334,12 @@ class ForwardModelMeasure:
             raise ValueError(f"add_sources must be a number of galaxies >= 0, got "
                              f"{add_sources!r}.")
         self.add_sources = int(add_sources)
+        if isinstance(asymmetry_sources, bool) or not (
+                isinstance(asymmetry_sources, int | np.integer) and asymmetry_sources >= 0):
+            raise ValueError(f"asymmetry_sources must be a number of galaxies >= 0, got "
+                             f"{asymmetry_sources!r}.")
+        self.asymmetry_sources = int(asymmetry_sources)
+        self.join_pixels = join_pixels
         self.dtype = dtype
         self.__name__ = name
         if sep_kwargs is None:
@@ -383,7 +432,9 @@ class ForwardModelMeasure:
         s = images.shape[-1]
         detections, det_flux = [], []
         for i in range(images.shape[0]):
-            if self.detection == "coadd":
+            if self.detection == "truth":
+                cat = batch["blend_list"][i]
+            elif self.detection == "coadd":
                 cat = coadd_detections(images[i], sky, **self.sep_kwargs)
             else:
                 cat = sep_singleband_measure(batch, i, channels_last=channels_last,
@@ -409,7 +460,8 @@ class ForwardModelMeasure:
         spec, psf_k = self._spec(size, pixel_scale, psfs, dtype)
         res = fit_blends(jnp.asarray(window, dtype),
                          (x - ox[:, None], y - oy[:, None], mask), psf_k, spec, sky,
-                         errors=self.errors, add_sources=self.add_sources, prior=prior,
+                         errors=self.errors, add_sources=self.add_sources,
+                         asymmetry_sources=self.asymmetry_sources, prior=prior,
                          **self.fit_kwargs)
         res = res._replace(status=np.asarray(res.status) | np.where(
             too_many, STATUS_TOO_MANY, 0).astype(np.int32))
@@ -418,12 +470,17 @@ class ForwardModelMeasure:
         full_spec, full_psf_k = self._spec(s, pixel_scale, psfs, dtype)
         models = np.asarray(model_images(jax.tree.map(jnp.asarray, gal), res.mask, full_psf_k,
                                          full_spec))
+        errors = None if res.errors is None else jax.tree.map(np.asarray, res.errors)
+        mask = np.asarray(res.mask)
+        if self.join_pixels:
+            gal, errors, mask, models = join_concentric(gal, errors, mask, models,
+                                                        self.join_pixels)
         self.n_fits += 1
         self.last_fit_pixels = size
         return {
             "galaxies": gal,
-            "errors": None if res.errors is None else jax.tree.map(np.asarray, res.errors),
-            "mask": np.asarray(res.mask), "added": np.asarray(res.added),
+            "errors": errors,
+            "mask": mask, "added": np.asarray(res.added),
             "status": np.asarray(res.status),
             "n_steps": np.asarray(res.n_steps), "chi2": np.asarray(res.chi2) / res.n_pixels,
             "models": models, "blendedness": model_blendedness(models), "images": images,

@@ -25,7 +25,12 @@ from btkjax.deblend.model import (
     n_params,
     spec_model,
 )
-from btkjax.deblend.residual import merge_candidates, residual_peaks, split_candidates
+from btkjax.deblend.residual import (
+    asymmetry_peaks,
+    merge_candidates,
+    residual_peaks,
+    split_candidates,
+)
 
 __all__ = ["PaddedDetections", "pad_detections", "fit_blends"]
 
@@ -81,6 +86,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                split_min_excess: float = 25.0, split_rounds: int = 1,
                merge_sources: bool = False, merge_max_separation: float = 1.5,
                merge_rounds: int = 1, move_sources: bool = False,
+               asymmetry_sources: int = 0, asymmetry_kwargs: dict | None = None,
+               readd_sources: bool = False, ring_sources: int = 0, ring_radius: float = 3.0,
                start_hlr: float | None = None,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
@@ -108,11 +115,26 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         residual_rounds: rounds of residual detection (each looks at the residual of the fit
             kept by the previous one; it stops early when nothing significant is found or
             kept).
+        asymmetry_sources: before the residual rounds, look for up to this many sources per
+            blend hidden in the fitted galaxies' light (`asymmetry_peaks`: the antisymmetric
+            part of each galaxy's light about its fitted centre, ``asymmetry_kwargs``), put
+            them in free slots and fit again; kept by the same test as ``add_sources``.
+        asymmetry_kwargs: ``snr_threshold``, ``min_distance``, ``mismatch`` of
+            `asymmetry_peaks`.
+        readd_sources: after the splits, merges and moves, one more round of ``asymmetry_sources``
+            and ``add_sources`` on the fit kept (a galaxy the first rounds could not add while a
+            piece of its neighbour held its light).
         split_sources: model comparison on the joint fit: in each blend with a free slot, the
             fitted galaxy with the largest excess chi-square of the residual near it
             (`split_candidates`, above ``split_min_excess``) is replaced by two galaxies on its
             major axis, and the blend fitted again; the two are kept when -log L drops by more
             than the new galaxy's parameters (Akaike), as for ``add_sources``.
+        ring_sources: after the splits, in each blend with a free slot, the fitted galaxy with
+            the largest residual excess (as ``split_sources``') gets a new galaxy beside it,
+            ``ring_radius`` pixels away in each of ``ring_sources`` directions (from its major
+            axis) in turn; the blend is fitted for each, and the best fit kept when -log L drops
+            by more than the new galaxy's parameters (Akaike). 0: none.
+        ring_radius: see ``ring_sources`` (pixels).
         split_rounds: rounds of ``split_sources`` (each on the fit kept by the previous one;
             it stops early when no split is kept).
         merge_sources: the reverse model comparison, after the splits: in each blend, the
@@ -140,10 +162,14 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     for name, value, least, what in (("split_rounds", split_rounds, 1, "rounds"),
                                      ("merge_rounds", merge_rounds, 1, "rounds"),
                                      ("add_sources", add_sources, 0, "galaxies"),
+                                     ("asymmetry_sources", asymmetry_sources, 0, "galaxies"),
+                                     ("ring_sources", ring_sources, 0, "directions"),
                                      ("residual_rounds", residual_rounds, 1, "rounds")):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
             raise ValueError(f"{name} must be a number of {what} >= {least}, got {value!r}.")
     needs_one_psf = [name for name, on in (("add_sources", add_sources),
+                                           ("asymmetry_sources", asymmetry_sources),
+                                           ("ring_sources", ring_sources),
                                            ("split_sources", split_sources),
                                            ("move_sources", move_sources and merge_sources))
                      if on]
@@ -256,22 +282,35 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         keep(redo, ok, x2, y2, m2, a2, fitted)
         return ok
 
-    for _ in range(int(residual_rounds) if add_sources else 0):
-        peaks = residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
-                               n_add=int(add_sources), chunk=chunk, **(residual_kwargs or {}))
+    def add_peaks(peaks):
+        """Puts each blend's significant ``peaks`` (`ResidualPeaks`) in its free slots and
+        keeps the refits that pass `attempt`; returns whether any was kept."""
         px, py, found = np.asarray(peaks.x), np.asarray(peaks.y), np.asarray(peaks.found)
         free = (~mask).sum(axis=1)
         found = found & (np.cumsum(found, axis=1) <= free[:, None])
         redo = np.flatnonzero(found.any(axis=1))
         if not len(redo):
-            break
+            return False
         x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
         for r in range(len(redo)):
             slots = np.flatnonzero(~m2[r])[:found[r].sum()]
             x2[r, slots], y2[r, slots] = px[redo[r]][found[r]], py[redo[r]][found[r]]
             m2[r, slots] = a2[r, slots] = True
-        if not attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any():
-            break
+        return bool(attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any())
+
+    def add_round(rounds):
+        """``asymmetry_sources`` then ``rounds`` rounds of ``add_sources``."""
+        if asymmetry_sources:
+            add_peaks(asymmetry_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
+                                      n_add=int(asymmetry_sources), chunk=chunk,
+                                      **(asymmetry_kwargs or {})))
+        for _ in range(int(rounds) if add_sources else 0):
+            if not add_peaks(residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
+                                            n_add=int(add_sources), chunk=chunk,
+                                            **(residual_kwargs or {}))):
+                break
+
+    add_round(residual_rounds)
     for _ in range(int(split_rounds) if split_sources else 0):
         cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
                                 min_excess=float(split_min_excess))
@@ -286,6 +325,35 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, new] = a2[r, new] = True
         if not attempt(redo, x2, y2, m2, a2, np.ones(len(redo))).any():
             break
+    if ring_sources:
+        # a neighbour within ~1 PSF FWHM of a bright galaxy whose one profile has absorbed it:
+        # no residual peak is left, nor a linear (score) test's, but the likelihood of a fit
+        # with a galaxy beside it is far lower. Propose one in each of ring_sources directions
+        # around the galaxy with the largest residual excess, fit each, keep the best by Akaike.
+        cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
+                                min_excess=float(split_min_excess))
+        redo = np.flatnonzero(cand.slot >= 0)
+        if len(redo):
+            g = jax.tree.map(np.asarray, galaxies)
+            cx, cy = g.x[redo, cand.slot[redo]], g.y[redo, cand.slot[redo]]
+            axis = 0.5 * np.arctan2(g.g2, g.g1)[redo, cand.slot[redo]]
+            tries = []
+            for k in range(int(ring_sources)):
+                theta = axis + 2 * np.pi * k / int(ring_sources)
+                x2, y2 = x[redo].copy(), y[redo].copy()
+                m2, a2 = mask[redo].copy(), added[redo].copy()
+                for r in range(len(redo)):
+                    new = np.flatnonzero(~m2[r])[0]
+                    x2[r, new] = np.clip(cx[r] + ring_radius * np.cos(theta[r]), 0, s - 1)
+                    y2[r, new] = np.clip(cy[r] + ring_radius * np.sin(theta[r]), 0, s - 1)
+                    m2[r, new] = a2[r, new] = True
+                tries.append((x2, y2, m2, a2, refit(redo, x2, y2, m2)))
+            losses = np.stack([np.where(np.isfinite(np.asarray(t[4][0].loss)),
+                                        np.asarray(t[4][0].loss), np.inf) for t in tries])
+            best = np.argmin(losses, axis=0)
+            ok = losses[best, np.arange(len(redo))] < np.asarray(loss)[redo] - n_par_one
+            for k, (x2, y2, m2, a2, fitted) in enumerate(tries):
+                keep(redo, ok & (best == k), x2, y2, m2, a2, fitted)
     tried = np.zeros(mask.shape + mask.shape[1:], bool)  # [blend, slot, slot] pairs proposed
     for _ in range(int(merge_rounds) if merge_sources else 0):
         cand = merge_candidates(galaxies, mask, spec.pixel_scale,
@@ -328,6 +396,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         if moved is not None:
             keep(redo[f], take_r[f], x3[f], y3[f], m3[f], a3[f], moved)
         tried[redo[take_m | take_r]] = False
+    if readd_sources:
+        add_round(1)
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
                                    | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)

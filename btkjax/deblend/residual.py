@@ -9,11 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from btkjax.core.render import RenderSpec
+from btkjax.core.render import RenderSpec, render
 from btkjax.deblend.chunks import apply_chunked, check_chunk, map_blends, pad_mask
-from btkjax.deblend.model import TRACES, Galaxies, check_spec, model_images, psf_images, render_one
+from btkjax.deblend.model import (
+    TRACES,
+    Galaxies,
+    check_spec,
+    model_images,
+    psf_images,
+    render_one,
+    to_sources,
+)
 
-__all__ = ["ResidualPeaks", "residual_peaks", "SplitCandidates", "split_candidates"]
+__all__ = ["ResidualPeaks", "residual_peaks", "asymmetry_peaks", "mirror", "SplitCandidates",
+           "split_candidates"]
 
 
 class ResidualPeaks(NamedTuple):
@@ -141,6 +150,171 @@ def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sk
         return _residual_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
                                    jnp.asarray(min_distance, dtype), jnp.asarray(mismatch, dtype),
                                    spec=spec, n_add=int(n_add), colour=bool(colour))
+
+    return ResidualPeaks(*apply_chunked(run, n, chunk, (galaxies, mask, images, sky)))
+
+
+# `asymmetry_peaks`: the radius (pixels, Gaussian weight) of the core whose symmetry fixes each
+# galaxy's centre of reflection, and the Gauss-Newton steps taken from the fitted centre
+CORE_PIXELS = 1.5
+CENTRE_STEPS = 3
+
+
+def mirror(image, cx, cy):
+    """``image`` [S, S] point-reflected through (cx, cy) (pixels, any real numbers):
+    ``out[y, x] = image(2 cy - y, 2 cx - x)``, band-limited (Fourier) interpolation on a grid
+    zero-padded to 2S (no wrap-around), and whether each reflected point lies on the stamp
+    (``valid`` [S, S]; elsewhere ``out`` is 0). A well-sampled image (PSF FWHM >~ 2 pixels)
+    is interpolated to the noise; an integer or half-integer centre is an exact pixel flip."""
+    s = image.shape[-1]
+    c0 = (s - 1) / 2
+    flipped = jnp.zeros((2 * s, 2 * s), image.dtype).at[:s, :s].set(image[::-1, ::-1])
+    ky = jnp.fft.fftfreq(2 * s).astype(image.dtype)[:, None]
+    kx = jnp.fft.rfftfreq(2 * s).astype(image.dtype)[None, :]
+    # out(x) = flipped(x - 2 (c - c0)): a shift by 2 (c - c0) in each axis
+    phase = jnp.exp(-2j * jnp.pi * (kx * 2 * (cx - c0) + ky * 2 * (cy - c0)))
+    out = jnp.fft.irfft2(jnp.fft.rfft2(flipped) * phase, s=(2 * s, 2 * s))[:s, :s]
+    yy, xx = jnp.mgrid[0:s, 0:s].astype(image.dtype)
+    my, mx = 2 * cy - yy, 2 * cx - xx
+    valid = (mx >= 0) & (mx <= s - 1) & (my >= 0) & (my <= s - 1)
+    return jnp.where(valid, out, 0.0).astype(image.dtype), valid
+
+
+def _asymmetry_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add,
+                         snr_threshold, min_distance, mismatch):
+    """Up to ``n_add`` significant peaks of one blend's asymmetric residuals; (x, y, found)."""
+    dtype = image.dtype
+    s = spec.stamp_pixels
+    n_band = image.shape[0]
+    src = to_sources(jax.tree.map(lambda a: a[None], gal1), mask1[None], spec)
+    _, iso = render(src, psf_k, spec, isolated=True)
+    iso = iso[0]  # [slot, band, S, S]
+    w = 1 / sky  # inverse-sky band weights, as `residual_peaks`
+    own = jnp.einsum("kByx,B->kyx", iso, w)  # each galaxy's model, band-weighted
+    total = own.sum(axis=0)
+    data = jnp.einsum("Byx,B->yx", image, w)
+    var = jnp.einsum("Byx,B->yx", sky[:, None, None] + jnp.maximum(iso.sum(axis=0), 0.0),
+                     w * w)
+    psf_b = psf_images(psf_k, spec, n_band, dtype, True)
+    c = s // 2
+    h = min(5, c - 1)
+    kern = jnp.einsum("Byx,B->yx", psf_b[:, c - h:c + h + 1, c - h:c + h + 1], w)
+    kern = kern / jnp.sum(kern)
+
+    yy, xx = jnp.mgrid[0:s, 0:s].astype(dtype)
+
+    def one_slot(own_k, x, y, on):
+        # the data less every other galaxy's model: galaxy k alone, plus what no model holds
+        alone = data - (total - own_k)
+        # the centre of symmetry of k's core: Gauss-Newton on the antisymmetric light within
+        # ~CORE_PIXELS of the fitted centre (a neighbour pulls the fitted centre, which leaves
+        # a dipole of k's bright core in the antisymmetric part; the core's symmetry does not)
+        core = jnp.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / CORE_PIXELS**2) / var
+
+        def anti_core(cen):
+            return (jnp.sqrt(core) * (alone - mirror(alone, cen[0], cen[1])[0])).ravel()
+
+        cen = jnp.stack([x, y])
+        for _ in range(CENTRE_STEPS):
+            jac = jax.jacfwd(anti_core)(cen)
+            r = anti_core(cen)
+            step = jnp.linalg.solve(jac.T @ jac + 1e-12 * jnp.eye(2, dtype=dtype), jac.T @ r)
+            cen = cen - jnp.clip(step, -0.5, 0.5)
+        cen = jnp.where(jnp.all(jnp.isfinite(cen)) & on, cen, jnp.stack([x, y]))
+        x, y = cen[0], cen[1]
+        flipped, valid = mirror(alone, x, y)
+        var_m, _ = mirror(var, x, y)
+        # the antisymmetric part about k's centre: 0 for any point-symmetric profile (a bulge
+        # and a disk of one centre, whatever the model's mismatch), +f/2 on a neighbour
+        anti = 0.5 * (alone - flipped)
+        var_a = 0.25 * (var + jnp.maximum(var_m, 0.0)) + (mismatch * own_k) ** 2
+        anti = jnp.where(valid, anti, 0.0)
+        snr = _matched_snr(anti, jnp.where(valid, var_a, var), kern)
+        # where galaxy k's model outshines the others' (its wings, where a neighbour hides)
+        mine = valid & (own_k >= total - own_k) & on
+        signal = jax.scipy.signal.convolve2d(anti, kern[::-1, ::-1], mode="same")
+        return jnp.where(mine, snr, -jnp.inf), signal
+
+    snr_k, signal_k = jax.vmap(one_slot)(own, gal1.x, gal1.y, mask1)
+    owner = jnp.argmax(snr_k, axis=0)
+    snr = jnp.max(snr_k, axis=0)
+    signal = jnp.take_along_axis(signal_k, owner[None], axis=0)[0]
+    near = jnp.any(mask1[:, None, None] & ((xx[None] - gal1.x[:, None, None]) ** 2
+                                           + (yy[None] - gal1.y[:, None, None]) ** 2
+                                           < min_distance**2), axis=0)
+    peak = snr >= jax.lax.reduce_window(snr, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "SAME")
+    score = jnp.where(peak & ~near & jnp.isfinite(snr), snr, -jnp.inf)
+    xs, ys, found = [], [], []
+    for _ in range(n_add):
+        i = jnp.argmax(score)
+        py, px = (i // s).astype(dtype), (i % s).astype(dtype)
+        found.append(score.reshape(-1)[i] > snr_threshold)
+        # the S/N peaks away from a bright galaxy (its noise grows toward its core): the
+        # source is where the filtered light itself peaks, within min_distance of it
+        close = (xx - px) ** 2 + (yy - py) ** 2 <= min_distance**2
+        j = jnp.argmax(jnp.where(close & jnp.isfinite(snr), signal, -jnp.inf))
+        xs.append((j % s).astype(dtype))
+        ys.append((j // s).astype(dtype))
+        score = jnp.where((xx - px) ** 2 + (yy - py) ** 2 < min_distance**2, -jnp.inf, score)
+    return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
+
+
+@partial(jax.jit, static_argnames=("spec", "n_add"))
+def _asymmetry_peaks_jit(galaxies, mask, images, sky, psf_k, snr_threshold, min_distance,
+                         mismatch, *, spec, n_add):
+    TRACES["residual"] += 1
+    one = partial(_asymmetry_peaks_one, spec=spec, n_add=n_add, snr_threshold=snr_threshold,
+                  min_distance=min_distance, mismatch=mismatch)
+    return map_blends(one, 4, galaxies, mask, images, sky, psf_k)
+
+
+def asymmetry_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sky, *,
+                    n_add: int = 1, snr_threshold: float = 5.0, min_distance: float = 2.0,
+                    mismatch: float = 0.01, chunk: int | None = None) -> ResidualPeaks:
+    """Sources hidden in a fitted galaxy's light: peaks of its antisymmetric residual.
+
+    Galaxies are point-symmetric about their centres (an elliptical profile, a bulge and a
+    disk of one centre, convolved with a symmetric PSF), whatever their radial profile. For
+    each fitted galaxy k the data less the other galaxies' models, ``D_k``, is reflected
+    through k's fitted centre (`mirror`); its antisymmetric part ``(D_k - mirror(D_k)) / 2``
+    holds no light of k, even where the model of k is wrong (a bulge + disk fitted with one
+    Sersic profile leaves a symmetric residual that `residual_peaks` may take for a source),
+    and half the light of a neighbour that no model holds. Bands are summed with weights
+    1 / sky and filtered with the PSF (the matched filter of a point source), over the noise
+    of the difference (half the Poisson variances of the two points, in quadrature) plus
+    ``(mismatch * model_k)^2`` (what the reflection does not cancel: interpolation, a PSF
+    that is not quite symmetric, a centre off by a fraction of a pixel). Each pixel is scored
+    by the galaxy whose model outshines the others' there; peaks (3 x 3 local maxima) above
+    ``snr_threshold`` and at least ``min_distance`` pixels from the fitted galaxies and from
+    each other are returned, the most significant first.
+
+    Args:
+        galaxies, mask: the fit (`Galaxies`, [blend, slot] bool).
+        images, psf_k, spec, sky: as `fit_blends` (one PSF for the batch: [band, Ry, Cx]).
+        n_add: peaks per blend.
+        snr_threshold, min_distance, mismatch: see above.
+        chunk: blends per compiled call (`default_chunk`).
+
+    Returns:
+        `ResidualPeaks` (x, y, found): [blend, n_add].
+    """
+    check_spec(spec)
+    images = jnp.asarray(images)
+    dtype = images.dtype
+    n = images.shape[0]
+    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
+    chunk = check_chunk(chunk)
+    mask = pad_mask(jnp.asarray(mask, bool), chunk)
+    galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
+    psf_k = jnp.asarray(psf_k)
+    if psf_k.ndim != 3:
+        raise ValueError(f"asymmetry_peaks needs one PSF for the batch ([band, Ry, Cx]), got "
+                         f"shape {psf_k.shape}.")
+
+    def run(g, m, img, s1):
+        return _asymmetry_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
+                                    jnp.asarray(min_distance, dtype),
+                                    jnp.asarray(mismatch, dtype), spec=spec, n_add=int(n_add))
 
     return ResidualPeaks(*apply_chunked(run, n, chunk, (galaxies, mask, images, sky)))
 
