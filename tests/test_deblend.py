@@ -424,6 +424,11 @@ def test_forward_model_measure_in_btk_pipeline():
         assert d.min() < 1.0
     with pytest.raises(ValueError, match="'sep', 'coadd' or 'truth'"):
         D.ForwardModelMeasure(detection="peaks")
+    for bad in (-1.0, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="join_pixels must be None or a finite number"):
+            D.ForwardModelMeasure(join_pixels=bad)
+    with pytest.raises(ValueError, match="asymmetry_sources must be a number"):
+        D.ForwardModelMeasure(asymmetry_sources=-1)
     for bad in (D.FluxErrorModel(floor=-0.1, blend=0.0),
                 D.FluxErrorModel(floor=0.0, blend=float("nan"))):
         with pytest.raises(ValueError, match="must be finite and >= 0"):

@@ -9,6 +9,7 @@ import pytest
 from deblend_scene import PIXEL, fit_scene
 
 from btkjax import deblend as D
+from btkjax.deblend.model import n_params
 from btkjax.tolerances import DEBLEND_NOISELESS_RTOL, F64_SAME_ATOL, MIRROR_GAUSSIAN_ATOL
 
 S = 24
@@ -159,3 +160,63 @@ def test_asymmetry_peaks_find_a_neighbour_in_a_bulge_disk_galaxy():
         assert bool(asym.found[0, 0]) == (flux > 0)
         if flux > 0:
             assert np.hypot(float(asym.x[0, 0]) - 18.5, float(asym.y[0, 0]) - 18.0) <= 1.5
+
+
+def test_join_concentric_adds_a_galaxys_components_by_hand():
+    """Two fitted profiles 0.5 pixel apart are one galaxy's components: joined into the
+    brighter (fluxes and models summed, flux errors in quadrature, its centre and shape kept,
+    the fainter's slot emptied); a third 5 pixels away and the other blend are untouched."""
+    rng = np.random.default_rng(0)
+    flux = np.array([[[100.0, 200.0], [900.0, 800.0], [50.0, 60.0]],
+                     [[10.0, 20.0], [30.0, 40.0], [0.0, 0.0]]])
+    gal = D.Galaxies(x=np.array([[10.5, 10.0, 15.0], [10.0, 10.2, 0.0]]),
+                     y=np.array([[10.0, 10.0, 10.0], [10.0, 10.0, 0.0]]), flux=flux,
+                     hlr=np.array([[0.1, 0.6, 0.3], [0.2, 0.3, 0.0]]), g1=np.zeros((2, 3)),
+                     g2=np.zeros((2, 3)), n=np.ones((2, 3)))
+    err = gal._replace(flux=np.sqrt(flux) + 1.0)
+    mask = np.array([[True, True, True], [True, False, False]])
+    models = rng.random((2, 3, 2, 8, 8))
+    g2, e2, m2, mod2 = D.join_concentric(gal, err, mask, models, join_pixels=1.0)
+    assert m2.tolist() == [[False, True, True], [True, False, False]]
+    np.testing.assert_allclose(g2.flux[0, 1], flux[0, 0] + flux[0, 1], rtol=F64_SAME_ATOL)
+    np.testing.assert_allclose(e2.flux[0, 1], np.hypot(err.flux[0, 0], err.flux[0, 1]),
+                               rtol=F64_SAME_ATOL)
+    np.testing.assert_allclose(mod2[0, 1], models[0, 0] + models[0, 1], rtol=F64_SAME_ATOL)
+    assert np.all(mod2[0, 0] == 0)
+    assert (g2.x[0, 1], g2.hlr[0, 1]) == (10.0, 0.6)  # the brighter's centre and shape
+    np.testing.assert_array_equal(mod2[0, 2], models[0, 2])
+    np.testing.assert_array_equal(g2.flux[1], flux[1])  # slot 1 of blend 1 is not fitted
+    assert gal.flux[0, 1, 0] == 900.0  # the inputs are not modified
+
+
+def test_ring_finds_a_neighbour_a_single_profile_absorbed(setup, x64):
+    """A faint galaxy (10% of the light) 3.2 pixels (0.9 PSF FWHM) from a bright one, one
+    detection: the single profile absorbs it, and no residual peak is left for
+    ``add_sources``. ``ring_sources=6`` (a galaxy proposed beside the
+    bright one in six directions, the best kept by Akaike) finds it where it is, with both
+    fluxes (noiseless, the fitted family). With ``multi_start`` every refit also starts from
+    the fit as it is: the same answer, at a -log L no higher."""
+    spec, psf_k = setup
+    pair = D.Galaxies(x=jnp.array([[11.3, 14.3]]), y=jnp.array([[12.2, 13.3]]),
+                      flux=jnp.array([[[60000.0, 90000.0], [6000.0, 4000.0]]]),
+                      hlr=jnp.array([[0.5, 0.25]]), g1=jnp.array([[0.1, 0.0]]),
+                      g2=jnp.array([[0.05, -0.1]]), n=jnp.ones((1, 2)))
+    image = D.model_images(pair, jnp.ones((1, 2), bool), psf_k, spec).sum(axis=1)
+    det = (np.array([[11.0, 0.0]]), np.array([[12.0, 0.0]]), np.array([[True, False]]))
+    # noiseless: no residual chi-square exceeds its expectation, so the excess that picks the
+    # galaxy to look beside is taken at any level (split_min_excess)
+    same = dict(errors=False, rtol=1e-13, max_steps=3000, add_sources=2,
+                split_min_excess=-np.inf)
+    plain = D.fit_blends(image, det, psf_k, spec, SKY, **same)
+    assert np.asarray(plain.mask).sum() == 1
+    for multi in (False, True):
+        res = D.fit_blends(image, det, psf_k, spec, SKY, ring_sources=6, multi_start=multi,
+                           **same)
+        assert np.asarray(res.mask).tolist() == [[True, True]]
+        # Akaike: -log L lower by more than the new galaxy's parameters
+        assert float(res.loss[0]) < float(plain.loss[0]) - n_params("exponential", 2)
+        got = np.stack([np.asarray(res.galaxies.x)[0], np.asarray(res.galaxies.y)[0]], -1)
+        want = np.stack([np.asarray(pair.x)[0], np.asarray(pair.y)[0]], -1)
+        np.testing.assert_allclose(got, want, atol=DEBLEND_NOISELESS_RTOL)  # pixels
+        np.testing.assert_allclose(np.asarray(res.galaxies.flux)[0],
+                                   np.asarray(pair.flux)[0], rtol=DEBLEND_NOISELESS_RTOL)

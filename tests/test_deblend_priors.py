@@ -381,6 +381,12 @@ def test_move_frees_a_piece_for_the_undetected_neighbour():
     ({"split_sources": True, "per_blend_psf": True}, "split_sources needs one PSF"),
     ({"merge_sources": True, "move_sources": True, "per_blend_psf": True},
      "move_sources needs one PSF"),
+    ({"asymmetry_sources": -2}, "asymmetry_sources must be"),
+    ({"asymmetry_sources": 1, "per_blend_psf": True}, "asymmetry_sources needs one PSF"),
+    ({"ring_sources": 2.5}, "ring_sources must be"),
+    ({"ring_sources": 6, "per_blend_psf": True}, "ring_sources needs one PSF"),
+    ({"ring_radius": 0.0}, "ring_radius must be"),
+    ({"ring_radius": float("inf")}, "ring_radius must be"),
 ])
 def test_rounds_are_validated(kwargs, match):
     """Bad counts and options that need one PSF for the batch fail before any fit."""

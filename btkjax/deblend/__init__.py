@@ -149,6 +149,7 @@ from btkjax.deblend.measure import (
     coadd_detections,
     crop_origins,
     crop_size,
+    join_concentric,
     model_blendedness,
 )
 from btkjax.deblend.model import (
@@ -238,6 +239,7 @@ __all__ = [
     "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR",
     "FluxErrorModel", "FLUX_ERROR_MODEL", "model_blendedness",
     "COADD_SEP_KWARGS",
+    "join_concentric",
     "coadd_detections",
     "Scarlet2Measure",
     "odd_psf_images",

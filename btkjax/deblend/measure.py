@@ -29,7 +29,7 @@ from btkjax.survey import get_mean_sky_level
 
 __all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure",
            "COADD_SEP_KWARGS", "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR", "FluxErrorModel",
-           "FLUX_ERROR_MODEL", "model_blendedness"]
+           "FLUX_ERROR_MODEL", "model_blendedness", "join_concentric"]
 
 # The default prior of model="sersic": n ~ N(1, 0.5), a disk unless the data say otherwise
 # (width chosen on the tuning seeds of benchmarks/bench_deblend.py among 0.3, 0.5, 0.7, 1, inf)
@@ -227,6 +227,10 @@ class ForwardModelMeasure:
             (`fit_blends`'s ``asymmetry_sources``, `asymmetry_peaks`) and added when the
             likelihood says so; 0: none. The default, 2, was chosen on the tuning seeds of
             ``benchmarks/bench_deblend.py`` (more blendedness > 0.5 galaxies matched).
+        join_pixels: None (each fitted profile is a galaxy) or a distance in pixels: profiles
+            whose centres lie closer than it to a brighter one's are that galaxy's components
+            (`join_concentric`: a bulge and a disk fitted as a compact core and an extended
+            profile) and reported as one galaxy, their fluxes and models summed.
         dtype: fit dtype (default the images'; float64 needs jax_enable_x64).
         name: the name under which `MeasureGenerator` reports it.
         sep_kwargs: keyword arguments of the detection (`sep_singleband_measure`, or
@@ -339,6 +343,12 @@ class ForwardModelMeasure:
             raise ValueError(f"asymmetry_sources must be a number of galaxies >= 0, got "
                              f"{asymmetry_sources!r}.")
         self.asymmetry_sources = int(asymmetry_sources)
+        if join_pixels is not None and (
+                isinstance(join_pixels, bool) or
+                not isinstance(join_pixels, int | float | np.integer | np.floating) or
+                not (math.isfinite(join_pixels) and join_pixels > 0)):
+            raise ValueError(f"join_pixels must be None or a finite number of pixels > 0, got "
+                             f"{join_pixels!r}.")
         self.join_pixels = join_pixels
         self.dtype = dtype
         self.__name__ = name

@@ -88,6 +88,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                merge_rounds: int = 1, move_sources: bool = False,
                asymmetry_sources: int = 0, asymmetry_kwargs: dict | None = None,
                readd_sources: bool = False, ring_sources: int = 0, ring_radius: float = 3.0,
+               multi_start: bool = False,
                start_hlr: float | None = None,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
@@ -135,6 +136,9 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             axis) in turn; the blend is fitted for each, and the best fit kept when -log L drops
             by more than the new galaxy's parameters (Akaike). 0: none.
         ring_radius: see ``ring_sources`` (pixels).
+        multi_start: every refit of the model comparisons (additions, splits, merges, moves)
+            runs twice, from `init_galaxies` and from the fit as it is (the galaxies that stay
+            where they were at their fitted parameters); the lower -log L is kept.
         split_rounds: rounds of ``split_sources`` (each on the fit kept by the previous one;
             it stops early when no split is kept).
         merge_sources: the reverse model comparison, after the splits: in each blend, the
@@ -167,6 +171,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                                      ("residual_rounds", residual_rounds, 1, "rounds")):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
             raise ValueError(f"{name} must be a number of {what} >= {least}, got {value!r}.")
+    if isinstance(ring_radius, bool) or not isinstance(ring_radius, int | float | np.floating) \
+            or not (np.isfinite(ring_radius) and ring_radius > 0):
+        raise ValueError(f"ring_radius must be a finite number of pixels > 0, got "
+                         f"{ring_radius!r}.")
     needs_one_psf = [name for name, on in (("add_sources", add_sources),
                                            ("asymmetry_sources", asymmetry_sources),
                                            ("ring_sources", ring_sources),
@@ -248,6 +256,28 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         sky2 = sky_arr if sky_arr.ndim == 1 else sky_arr[redo]
         out2 = fit(to_unconstrained_batch(init2, ax2, ay2, chunk, model, max_offset),
                    ax2, ay2, jm2, img2, psf_k, spec, sky2, chunk=chunk, **fit_kwargs)
+        if multi_start:
+            # also from the fit as it is: the galaxies that stay where they were start at their
+            # fitted parameters, the new ones as above; the lower -log L of the two is kept
+            same = m2 & mask[redo] & (x2 == x[redo]) & (y2 == y[redo])
+            cur = jax.tree.map(lambda a: np.asarray(a)[redo], galaxies)
+
+            def warm(a, b):
+                w = same.reshape(same.shape + (1,) * (np.ndim(a) - 2))
+                return jnp.asarray(np.where(w, np.asarray(b), np.asarray(a)))
+
+            init_w = jax.tree.map(warm, init2, cur)
+            out_w = fit(to_unconstrained_batch(init_w, ax2, ay2, chunk, model, max_offset),
+                        ax2, ay2, jm2, img2, psf_k, spec, sky2, chunk=chunk, **fit_kwargs)
+            lw, lc = np.asarray(out_w.loss), np.asarray(out2.loss)
+            better = np.isfinite(lw) & ~(lc <= lw)
+
+            def pick(a, b):
+                w = better.reshape(better.shape + (1,) * (np.ndim(a) - 1))
+                return jnp.asarray(np.where(w, np.asarray(b), np.asarray(a)))
+
+            out2 = jax.tree.map(pick, out2, out_w)
+            init2 = jax.tree.map(pick, init2, init_w)
         return out2, init2, to_physical_batch(out2.params, ax2, ay2, chunk, model, max_offset)
 
     def keep(redo, keep_, x2, y2, m2, a2, fitted):
