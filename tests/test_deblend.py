@@ -351,9 +351,11 @@ def test_forward_model_measure_in_btk_pipeline():
     draw = btkjax.draw_blends.CatsimGenerator(catalog, sampler, survey, batch_size=3,
                                               stamp_size=6.0, add_noise="all", seed=5)
     # SEP's detections (the old default), so that the count below is SEP's
+    # (without the ring search and the second starts, which tests/test_deblend_detection.py
+    # checks: they would only make this test slower)
     fm = D.ForwardModelMeasure(max_sources=4, max_steps=60, deblended="split", detection="sep",
                                split_sources=False, merge_sources=False, start_hlr=None,
-                               model="exponential")
+                               model="exponential", ring_sources=0, multi_start=False)
     meas = MeasureGenerator([sep_singleband_measure, fm], draw)
     metrics = MetricsGenerator(meas, meas_band_name="r")
     blend_results, meas_results, results = next(metrics)
@@ -389,7 +391,8 @@ def test_forward_model_measure_in_btk_pipeline():
     # error, floor * F and blend * b * F in quadrature; flux_errors=None: the Fisher error.
     fem = D.FluxErrorModel(floor=0.05, blend=0.5)
     same = dict(max_sources=4, max_steps=60, detection="sep", split_sources=False,
-                merge_sources=False, start_hlr=None, model="exponential")
+                merge_sources=False, start_hlr=None, model="exponential", ring_sources=0,
+                multi_start=False)
     fm2 = D.ForwardModelMeasure(deblended="model", flux_errors=fem, **same)
     n_blended = 0
     for i in range(len(n_sep)):
@@ -413,7 +416,8 @@ def test_forward_model_measure_in_btk_pipeline():
     # detection="truth": the fit starts from the true centres, one galaxy per true galaxy
     # (nothing added, split or merged; at most max_sources), the brightest fitted within a pixel of its centre
     fm3 = D.ForwardModelMeasure(**{**same, "detection": "truth", "add_sources": 0,
-                                   "move_sources": False})
+                                   "asymmetry_sources": 0, "move_sources": False,
+                                   "join_pixels": None})
     for i in range(len(n_sep)):
         truth = blend_results["blend_list"][i]
         c = fm3(blend_results, i, surveys=[survey])["catalog"]
@@ -429,6 +433,8 @@ def test_forward_model_measure_in_btk_pipeline():
             D.ForwardModelMeasure(join_pixels=bad)
     with pytest.raises(ValueError, match="asymmetry_sources must be a number"):
         D.ForwardModelMeasure(asymmetry_sources=-1)
+    with pytest.raises(ValueError, match="ring_sources must be a number"):
+        D.ForwardModelMeasure(ring_sources=True)
     for bad in (D.FluxErrorModel(floor=-0.1, blend=0.0),
                 D.FluxErrorModel(floor=0.0, blend=float("nan"))):
         with pytest.raises(ValueError, match="must be finite and >= 0"):
