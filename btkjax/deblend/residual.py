@@ -47,6 +47,22 @@ def _gaussian_sigmas(chi2, dof):
     return -jax.scipy.special.ndtri(p)
 
 
+def _peak_inputs(name, galaxies, mask, images, psf_k, spec, sky, chunk):
+    """The checked, cast and padded inputs of `residual_peaks` and `asymmetry_peaks`."""
+    check_spec(spec)
+    images = jnp.asarray(images)
+    dtype = images.dtype
+    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
+    chunk = check_chunk(chunk)
+    mask = pad_mask(jnp.asarray(mask, bool), chunk)
+    galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
+    psf_k = jnp.asarray(psf_k)
+    if psf_k.ndim != 3:
+        raise ValueError(f"{name} needs one PSF for the batch ([band, Ry, Cx]), got shape "
+                         f"{psf_k.shape}.")
+    return galaxies, mask, images, sky, psf_k, chunk
+
+
 def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add, snr_threshold,
                         min_distance, mismatch, colour):
     """Up to ``n_add`` significant peaks of one blend's residual; (x, y, found) [n_add]."""
@@ -75,6 +91,15 @@ def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add
         snr_b = jax.vmap(_matched_snr)(image - model, var_b, kern_b)
         chi2 = jnp.sum(jnp.maximum(snr_b, 0.0) ** 2, axis=0)
         snr = jnp.maximum(snr, _gaussian_sigmas(chi2, jnp.asarray(n_band, dtype)))
+    return _top_peaks(snr, None, gal1, mask1, n_add, snr_threshold, min_distance)
+
+
+def _top_peaks(snr, signal, gal1, mask1, n_add, snr_threshold, min_distance):
+    """Up to ``n_add`` peaks (3 x 3 local maxima) of ``snr`` [S, S] at least ``min_distance``
+    pixels from the fitted galaxies and from each other, the most significant first, each at
+    its S/N peak or, given ``signal``, at the maximum of ``signal`` within ``min_distance`` of
+    it; (x, y, found), found where the S/N exceeds ``snr_threshold``."""
+    s, dtype = snr.shape[-1], snr.dtype
     yy, xx = jnp.mgrid[0:s, 0:s].astype(dtype)
     near = jnp.any(mask1[:, None, None] & ((xx[None] - gal1.x[:, None, None]) ** 2
                                            + (yy[None] - gal1.y[:, None, None]) ** 2
@@ -84,12 +109,18 @@ def _residual_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_add
     xs, ys, found = [], [], []
     for _ in range(n_add):
         i = jnp.argmax(score)
-        py, px = (i // s).astype(dtype), (i % s).astype(dtype)
-        ok = score.reshape(-1)[i] > snr_threshold
+        py0, px0 = (i // s).astype(dtype), (i % s).astype(dtype)
+        px, py = px0, py0
+        found.append(score.reshape(-1)[i] > snr_threshold)
+        # the S/N peaks away from a bright galaxy (its noise grows toward its core): the
+        # source is where the filtered light itself peaks, within min_distance of it
+        if signal is not None:
+            close = (xx - px0) ** 2 + (yy - py0) ** 2 <= min_distance**2
+            j = jnp.argmax(jnp.where(close & jnp.isfinite(snr), signal, -jnp.inf))
+            px, py = (j % s).astype(dtype), (j // s).astype(dtype)
         xs.append(px)
         ys.append(py)
-        found.append(ok)
-        score = jnp.where((xx - px) ** 2 + (yy - py) ** 2 < min_distance**2, -jnp.inf, score)
+        score = jnp.where((xx - px0) ** 2 + (yy - py0) ** 2 < min_distance**2, -jnp.inf, score)
     return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
 
 
@@ -133,18 +164,9 @@ def residual_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, sk
         `ResidualPeaks` (x, y, found): [blend, n_add] pixel positions and whether each
         peak is significant.
     """
-    check_spec(spec)
-    images = jnp.asarray(images)
-    dtype = images.dtype
-    n = images.shape[0]
-    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
-    chunk = check_chunk(chunk)
-    mask = pad_mask(jnp.asarray(mask, bool), chunk)
-    galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
-    psf_k = jnp.asarray(psf_k)
-    if psf_k.ndim != 3:
-        raise ValueError(f"residual_peaks needs one PSF for the batch ([band, Ry, Cx]), got "
-                         f"shape {psf_k.shape}.")
+    galaxies, mask, images, sky, psf_k, chunk = _peak_inputs(
+        "residual_peaks", galaxies, mask, images, psf_k, spec, sky, chunk)
+    dtype, n = images.dtype, images.shape[0]
 
     def run(g, m, img, s1):
         return _residual_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
@@ -239,24 +261,7 @@ def _asymmetry_peaks_one(gal1: Galaxies, mask1, image, sky, psf_k, *, spec, n_ad
     owner = jnp.argmax(snr_k, axis=0)
     snr = jnp.max(snr_k, axis=0)
     signal = jnp.take_along_axis(signal_k, owner[None], axis=0)[0]
-    near = jnp.any(mask1[:, None, None] & ((xx[None] - gal1.x[:, None, None]) ** 2
-                                           + (yy[None] - gal1.y[:, None, None]) ** 2
-                                           < min_distance**2), axis=0)
-    peak = snr >= jax.lax.reduce_window(snr, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "SAME")
-    score = jnp.where(peak & ~near & jnp.isfinite(snr), snr, -jnp.inf)
-    xs, ys, found = [], [], []
-    for _ in range(n_add):
-        i = jnp.argmax(score)
-        py, px = (i // s).astype(dtype), (i % s).astype(dtype)
-        found.append(score.reshape(-1)[i] > snr_threshold)
-        # the S/N peaks away from a bright galaxy (its noise grows toward its core): the
-        # source is where the filtered light itself peaks, within min_distance of it
-        close = (xx - px) ** 2 + (yy - py) ** 2 <= min_distance**2
-        j = jnp.argmax(jnp.where(close & jnp.isfinite(snr), signal, -jnp.inf))
-        xs.append((j % s).astype(dtype))
-        ys.append((j // s).astype(dtype))
-        score = jnp.where((xx - px) ** 2 + (yy - py) ** 2 < min_distance**2, -jnp.inf, score)
-    return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
+    return _top_peaks(snr, signal, gal1, mask1, n_add, snr_threshold, min_distance)
 
 
 @partial(jax.jit, static_argnames=("spec", "n_add"))
@@ -298,18 +303,9 @@ def asymmetry_peaks(galaxies: Galaxies, mask, images, psf_k, spec: RenderSpec, s
     Returns:
         `ResidualPeaks` (x, y, found): [blend, n_add].
     """
-    check_spec(spec)
-    images = jnp.asarray(images)
-    dtype = images.dtype
-    n = images.shape[0]
-    sky = jnp.broadcast_to(jnp.asarray(sky, dtype), images.shape[:2])
-    chunk = check_chunk(chunk)
-    mask = pad_mask(jnp.asarray(mask, bool), chunk)
-    galaxies = jax.tree.map(lambda a: jnp.asarray(a, dtype), galaxies)
-    psf_k = jnp.asarray(psf_k)
-    if psf_k.ndim != 3:
-        raise ValueError(f"asymmetry_peaks needs one PSF for the batch ([band, Ry, Cx]), got "
-                         f"shape {psf_k.shape}.")
+    galaxies, mask, images, sky, psf_k, chunk = _peak_inputs(
+        "asymmetry_peaks", galaxies, mask, images, psf_k, spec, sky, chunk)
+    dtype, n = images.dtype, images.shape[0]
 
     def run(g, m, img, s1):
         return _asymmetry_peaks_jit(g, m, img, s1, psf_k, jnp.asarray(snr_threshold, dtype),
