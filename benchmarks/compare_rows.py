@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import numpy as np
 
-BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf),
-        ("all", -np.inf, np.inf))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_deblend import BINS  # noqa: E402  (the bins of the rows compared)
+
 BOOTSTRAP = 2000
 
 
@@ -54,15 +57,16 @@ def paired(rows_a, rows_b, n_boot=BOOTSTRAP, seed=0):
              for _ in range(n_boot)]
     out = {}
     for name, lo, hi in BINS:
-        sel = (bl > lo) & (bl <= hi) if np.isfinite(lo) else (bl <= hi)
+        sel = (bl >= lo) & (bl < hi)  # bench_deblend.py's bins
         da = np.where(a[1] & sel, a[2], np.nan)
         db = np.where(b[1] & sel, b[2], np.nan)
         diffs = np.array([_median_or_nan(db[p]) - _median_or_nan(da[p]) for p in picks])
+        n_empty = int(np.sum(~np.isfinite(diffs)))  # resamplings without a matched galaxy
         diffs = diffs[np.isfinite(diffs)]
         pct = np.percentile(diffs, [2.5, 16, 84, 97.5]) if len(diffs) else np.full(4, np.nan)
         out[name] = {"n_true": int(sel.sum()), "matched_a": int((a[1] & sel).sum()),
                      "matched_b": int((b[1] & sel).sum()), "median_a": _median_or_nan(da),
-                     "median_b": _median_or_nan(db),
+                     "median_b": _median_or_nan(db), "n_boot_empty": n_empty,
                      "diff_percentiles": [float(v) for v in pct]}
     return out
 

@@ -10,7 +10,12 @@ from deblend_scene import PIXEL, fit_scene
 
 from btkjax import deblend as D
 from btkjax.deblend.model import n_params
-from btkjax.tolerances import DEBLEND_NOISELESS_RTOL, F64_SAME_ATOL, MIRROR_GAUSSIAN_ATOL
+from btkjax.tolerances import (
+    DEBLEND_NOISELESS_RTOL,
+    F64_SAME_ATOL,
+    F64_SAME_RTOL,
+    MIRROR_GAUSSIAN_ATOL,
+)
 
 S = 24
 FLUX_B = 1600.0
@@ -178,15 +183,22 @@ def test_join_concentric_adds_a_galaxys_components_by_hand():
     models = rng.random((2, 3, 2, 8, 8))
     g2, e2, m2, mod2 = D.join_concentric(gal, err, mask, models, join_pixels=1.0)
     assert m2.tolist() == [[False, True, True], [True, False, False]]
-    np.testing.assert_allclose(g2.flux[0, 1], flux[0, 0] + flux[0, 1], rtol=F64_SAME_ATOL)
+    np.testing.assert_allclose(g2.flux[0, 1], flux[0, 0] + flux[0, 1], rtol=F64_SAME_RTOL)
     np.testing.assert_allclose(e2.flux[0, 1], np.hypot(err.flux[0, 0], err.flux[0, 1]),
-                               rtol=F64_SAME_ATOL)
-    np.testing.assert_allclose(mod2[0, 1], models[0, 0] + models[0, 1], rtol=F64_SAME_ATOL)
+                               rtol=F64_SAME_RTOL)
+    np.testing.assert_allclose(mod2[0, 1], models[0, 0] + models[0, 1], rtol=F64_SAME_RTOL)
     assert np.all(mod2[0, 0] == 0)
     assert (g2.x[0, 1], g2.hlr[0, 1]) == (10.0, 0.6)  # the brighter's centre and shape
     np.testing.assert_array_equal(mod2[0, 2], models[0, 2])
     np.testing.assert_array_equal(g2.flux[1], flux[1])  # slot 1 of blend 1 is not fitted
     assert gal.flux[0, 1, 0] == 900.0  # the inputs are not modified
+    # bulge + disk components: the joined galaxy's bulge fraction is of the summed flux
+    bd = gal._replace(bulge_frac=np.full((2, 3, 2), 0.5), bulge_hlr=np.full((2, 3), 0.1))
+    bd.bulge_frac[0, 0] = [0.1, 0.3]
+    g3, _, _, _ = D.join_concentric(bd, None, mask, models, join_pixels=1.0)
+    want = (0.1 * flux[0, 0] * [1, 0] + 0.3 * flux[0, 0] * [0, 1] + 0.5 * flux[0, 1]) / (
+        flux[0, 0] + flux[0, 1])
+    np.testing.assert_allclose(g3.bulge_frac[0, 1], want, rtol=F64_SAME_RTOL)
 
 
 def test_ring_finds_a_neighbour_a_single_profile_absorbed(setup, x64):

@@ -165,8 +165,10 @@ def join_concentric(gal: Galaxies, errors: Galaxies | None, mask, models, join_p
     """Fitted profiles of one blend whose centres lie within ``join_pixels`` of a brighter
     one's are that galaxy's components (a bulge and a disk fitted as a compact core and an
     extended profile): each is joined to the brightest such galaxy, its flux and model added
-    to it (flux errors in quadrature), its slot emptied; the galaxy keeps its brightest
-    component's centre and shape. Returns (galaxies, errors, mask, models), numpy."""
+    to it (flux errors in quadrature: an upper bound, since two profiles of one centre share
+    light and their fluxes are anti-correlated), its slot emptied; the galaxy keeps its
+    brightest component's centre and shape (and errors), and for ``model="bulge+disk"`` the
+    bulge fraction of the summed flux. Returns (galaxies, errors, mask, models), numpy."""
     gal = jax.tree.map(np.array, gal)
     errors = None if errors is None else jax.tree.map(np.array, errors)
     mask, models = np.array(mask, bool), np.array(models)
@@ -179,6 +181,11 @@ def join_concentric(gal: Galaxies, errors: Galaxies | None, mask, models, join_p
             for j in slots[i + 1:]:
                 if mask[b, j] and np.hypot(gal.x[b, j] - gal.x[b, k],
                                            gal.y[b, j] - gal.y[b, k]) < join_pixels:
+                    if gal.bulge_frac is not None:  # the bulge's share of the summed flux
+                        fk, fj = gal.flux[b, k], gal.flux[b, j]
+                        tot = np.where(fk + fj != 0, fk + fj, 1.0)
+                        gal.bulge_frac[b, k] = (gal.bulge_frac[b, k] * fk +
+                                                gal.bulge_frac[b, j] * fj) / tot
                     gal.flux[b, k] += gal.flux[b, j]
                     models[b, k] += models[b, j]
                     models[b, j] = 0.0
@@ -460,7 +467,10 @@ class ForwardModelMeasure:
         detections, det_flux = [], []
         for i in range(images.shape[0]):
             if self.detection == "truth":
-                cat = batch["blend_list"][i]
+                truth = batch["blend_list"]
+                if multires:  # one blend list per survey
+                    truth = truth[survey_name or surveys[0].name]
+                cat = truth[i]
             elif self.detection == "coadd":
                 cat = coadd_detections(images[i], sky, **self.sep_kwargs)
             else:

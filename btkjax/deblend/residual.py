@@ -106,6 +106,7 @@ def _top_peaks(snr, signal, gal1, mask1, n_add, snr_threshold, min_distance):
                                            < min_distance**2), axis=0)
     peak = snr >= jax.lax.reduce_window(snr, -jnp.inf, jax.lax.max, (3, 3), (1, 1), "SAME")
     score = jnp.where(peak & ~near & jnp.isfinite(snr), snr, -jnp.inf)
+    taken = jnp.zeros((s, s), bool)
     xs, ys, found = [], [], []
     for _ in range(n_add):
         i = jnp.argmax(score)
@@ -115,12 +116,18 @@ def _top_peaks(snr, signal, gal1, mask1, n_add, snr_threshold, min_distance):
         # the S/N peaks away from a bright galaxy (its noise grows toward its core): the
         # source is where the filtered light itself peaks, within min_distance of it
         if signal is not None:
-            close = (xx - px0) ** 2 + (yy - py0) ** 2 <= min_distance**2
-            j = jnp.argmax(jnp.where(close & jnp.isfinite(snr), signal, -jnp.inf))
+            # (not near a fitted galaxy, nor where an earlier peak was taken)
+            close = ((xx - px0) ** 2 + (yy - py0) ** 2 <= min_distance**2) & ~near & \
+                jnp.isfinite(snr) & ~taken
+            j = jnp.argmax(jnp.where(close, signal, -jnp.inf))
             px, py = (j % s).astype(dtype), (j // s).astype(dtype)
         xs.append(px)
         ys.append(py)
-        score = jnp.where((xx - px0) ** 2 + (yy - py0) ** 2 < min_distance**2, -jnp.inf, score)
+        # no later peak within min_distance of this one's S/N peak or of where it was put
+        gone = ((xx - px0) ** 2 + (yy - py0) ** 2 < min_distance**2) | \
+            ((xx - px) ** 2 + (yy - py) ** 2 < min_distance**2)
+        taken = taken | gone
+        score = jnp.where(gone, -jnp.inf, score)
     return jnp.stack(xs), jnp.stack(ys), jnp.stack(found)
 
 
