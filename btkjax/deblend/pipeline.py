@@ -87,7 +87,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                merge_sources: bool = False, merge_max_separation: float = 1.5,
                merge_rounds: int = 1, move_sources: bool = False,
                asymmetry_sources: int = 0, asymmetry_kwargs: dict | None = None,
-               readd_sources: bool = False, ring_sources: int = 0, ring_radius: float = 3.0,
+               ring_sources: int = 0, ring_radius: float = 3.0,
                multi_start: bool = False,
                start_hlr: float | None = None,
                **fit_kwargs) -> FitResult:
@@ -122,9 +122,6 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             them in free slots and fit again; kept by the same test as ``add_sources``.
         asymmetry_kwargs: ``snr_threshold``, ``min_distance``, ``mismatch`` of
             `asymmetry_peaks`.
-        readd_sources: after the splits, merges and moves, one more round of ``asymmetry_sources``
-            and ``add_sources`` on the fit kept (a galaxy the first rounds could not add while a
-            piece of its neighbour held its light).
         split_sources: model comparison on the joint fit: in each blend with a free slot, the
             fitted galaxy with the largest excess chi-square of the residual near it
             (`split_candidates`, above ``split_min_excess``) is replaced by two galaxies on its
@@ -328,19 +325,15 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, slots] = a2[r, slots] = True
         return bool(attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any())
 
-    def add_round(rounds):
-        """``asymmetry_sources`` then ``rounds`` rounds of ``add_sources``."""
-        if asymmetry_sources:
-            add_peaks(asymmetry_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
-                                      n_add=int(asymmetry_sources), chunk=chunk,
-                                      **(asymmetry_kwargs or {})))
-        for _ in range(int(rounds) if add_sources else 0):
-            if not add_peaks(residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
-                                            n_add=int(add_sources), chunk=chunk,
-                                            **(residual_kwargs or {}))):
-                break
-
-    add_round(residual_rounds)
+    if asymmetry_sources:
+        add_peaks(asymmetry_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
+                                  n_add=int(asymmetry_sources), chunk=chunk,
+                                  **(asymmetry_kwargs or {})))
+    for _ in range(int(residual_rounds) if add_sources else 0):
+        if not add_peaks(residual_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
+                                        n_add=int(add_sources), chunk=chunk,
+                                        **(residual_kwargs or {}))):
+            break
     for _ in range(int(split_rounds) if split_sources else 0):
         cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
                                 min_excess=float(split_min_excess))
@@ -426,8 +419,6 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         if moved is not None:
             keep(redo[f], take_r[f], x3[f], y3[f], m3[f], a3[f], moved)
         tried[redo[take_m | take_r]] = False
-    if readd_sources:
-        add_round(1)
     status = np.asarray(status) | (np.where(~mask.any(axis=1), STATUS_NO_DETECTIONS, 0)
                                    | np.where(outside, STATUS_OUTSIDE_STAMP, 0)
                                    | np.where(too_many, STATUS_TOO_MANY, 0)).astype(np.int32)
