@@ -205,7 +205,7 @@ def test_ring_finds_a_neighbour_a_single_profile_absorbed(setup, x64):
     """A faint galaxy (10% of the light) 3.2 pixels (0.9 PSF FWHM) from a bright one, one
     detection: the single profile absorbs it, and no residual peak is left for
     ``add_sources``. ``ring_sources=6`` (a galaxy proposed beside the
-    bright one in six directions, the best kept by Akaike) finds it where it is, with both
+    bright one in six directions, the best kept by Schwarz's criterion) finds it where it is, with both
     fluxes (noiseless, the fitted family). With ``multi_start`` every refit also starts from
     the fit as it is: the same answer, at a -log L no higher."""
     spec, psf_k = setup
@@ -221,14 +221,27 @@ def test_ring_finds_a_neighbour_a_single_profile_absorbed(setup, x64):
                 split_min_excess=-np.inf)
     plain = D.fit_blends(image, det, psf_k, spec, SKY, **same)
     assert np.asarray(plain.mask).sum() == 1
+    n_data = image.shape[1] * S * S  # pixel values fitted (bands x window)
     for multi in (False, True):
         res = D.fit_blends(image, det, psf_k, spec, SKY, ring_sources=6, multi_start=multi,
                            **same)
         assert np.asarray(res.mask).tolist() == [[True, True]]
-        # Akaike: -log L lower by more than the new galaxy's parameters
-        assert float(res.loss[0]) < float(plain.loss[0]) - n_params("exponential", 2)
+        # Schwarz (the default ring_penalty): -log L lower by more than half the new galaxy's
+        # parameters times log(n_data)
+        gain = float(plain.loss[0]) - float(res.loss[0])
+        assert gain > 0.5 * n_params("exponential", 2) * np.log(n_data)
         got = np.stack([np.asarray(res.galaxies.x)[0], np.asarray(res.galaxies.y)[0]], -1)
         want = np.stack([np.asarray(pair.x)[0], np.asarray(pair.y)[0]], -1)
         np.testing.assert_allclose(got, want, atol=DEBLEND_NOISELESS_RTOL)  # pixels
         np.testing.assert_allclose(np.asarray(res.galaxies.flux)[0],
                                    np.asarray(pair.flux)[0], rtol=DEBLEND_NOISELESS_RTOL)
+    # a numeric ring_penalty is the threshold on that drop: just below it the galaxy is
+    # kept, just above it the fit stays as it was
+    for penalty, n_kept in ((gain - 1.0, 2), (gain + 1.0, 1)):
+        res = D.fit_blends(image, det, psf_k, spec, SKY, ring_sources=6, multi_start=True,
+                           ring_penalty=penalty, **same)
+        assert int(np.asarray(res.mask).sum()) == n_kept, (penalty, gain)
+    for bad in ("akaike", -1.0, float("nan"), True, None):
+        with pytest.raises(ValueError, match="ring_penalty must be 'aic', 'bic' or a finite"):
+            D.fit_blends(image, det, psf_k, spec, SKY, ring_sources=6, ring_penalty=bad,
+                         **same)

@@ -149,8 +149,8 @@ def crop_origins(x, y, mask, stamp_pixels: int, size: int):
 
 
 def crop_size(x, y, mask, stamp_pixels: int, margin: float, step: int = 16) -> int:
-    """The fit window of a batch: the smallest multiple of ``step`` pixels that holds every
-    blend's detections with ``margin`` pixels on each side (at most the stamp)."""
+    """The fit window of the blends given: the smallest multiple of ``step`` pixels that holds
+    every blend's detections with ``margin`` pixels on each side (at most the stamp)."""
     x, y, mask = np.asarray(x, float), np.asarray(y, float), np.asarray(mask, bool)
     if not mask.any():
         return int(min(stamp_pixels, step))
@@ -208,7 +208,9 @@ class ForwardModelMeasure:
     likelihood of the pixels in it, which holds the galaxies' light down to ``crop_margin``
     arcsec beyond the outermost detections. Light farther out carries little information, and
     the window's size sets the cost (an FFT box of 72 pixels instead of 128 for LSST 24"
-    stamps). One window size per batch: each new size compiles once.
+    stamps). Each blend gets its own window (a multiple of 16 pixels, `crop_size`), so its fit
+    does not depend on the other blends of its batch; the batch is fitted in one call per
+    window size, and each new size compiles once.
 
     Args:
         model: the model fitted: a profile ("sersic", "exponential", "devaucouleurs",
@@ -221,8 +223,8 @@ class ForwardModelMeasure:
         seg_factor: a galaxy's segmentation is where its model exceeds ``seg_factor`` times the
             sky noise in some band.
         pad_pixels: FFT box = the fit window + this many pixels (`fit_spec`).
-        fit_pixels: "auto" (`crop_size` of the batch's detections with ``crop_margin``), a
-            window side in pixels, or None (the whole stamp).
+        fit_pixels: "auto" (each blend's `crop_size` of its detections with
+            ``crop_margin``), a window side in pixels, or None (the whole stamp).
         crop_margin: arcsec kept around the detections by ``fit_pixels="auto"``.
         errors: compute the Fisher errors (``*_err`` columns).
         add_sources: galaxies per blend that SEP missed, looked for in the residual of the fit
@@ -238,7 +240,8 @@ class ForwardModelMeasure:
         ring_sources: `fit_blends`'s ring search (a galaxy proposed beside the one with the
             largest residual excess, in this many directions; 0: none). The default, 6, was
             chosen on the tuning seeds (blendedness > 0.5: 66 -> 81 of 133 matched, for twice
-            the CPU time).
+            the CPU time). Its acceptance threshold is `fit_blends`'s ``ring_penalty`` (a
+            keyword passed through; default "bic").
         multi_start: `fit_blends`'s two starts of every refit (from scratch and from the fit
             as it is; default True: on the tuning seeds the median flux error of all galaxies
             0.0719 -> 0.0650).
@@ -387,7 +390,7 @@ class ForwardModelMeasure:
         self._cache = None
         self._specs = {}
         self.n_fits = 0  # batches fitted (the cache's misses)
-        self.last_fit_pixels = None  # the window of the last batch
+        self.last_fit_pixels = None  # the last batch's window sides [blend] (pixels)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -483,45 +486,62 @@ class ForwardModelMeasure:
             det_flux.append((images[i] / sky[:, None, None]).sum(0)[yi, xi])
         x, y, mask, too_many = pad_detections(detections, self.max_sources, det_flux)
         if self.fit_pixels is None:
-            size = s
-        elif self.fit_pixels == "auto":
-            size = crop_size(x, y, mask, s, self.crop_margin / pixel_scale)
+            sizes = np.full(len(images), s)
+        elif self.fit_pixels == "auto":  # each blend's own window: no blend sees the batch
+            sizes = np.array([crop_size(x[i:i + 1], y[i:i + 1], mask[i:i + 1], s,
+                                        self.crop_margin / pixel_scale)
+                              for i in range(len(images))], int)
         else:
-            size = min(int(self.fit_pixels), s)
-        ox, oy = crop_origins(x, y, mask, s, size)
-        rows = oy[:, None] + np.arange(size)[None, :]
-        cols = ox[:, None] + np.arange(size)[None, :]
-        window = images[np.arange(len(images))[:, None, None, None],
-                        np.arange(images.shape[1])[None, :, None, None],
-                        rows[:, None, :, None], cols[:, None, None, :]]
-        spec, psf_k = self._spec(size, pixel_scale, psfs, dtype)
-        res = fit_blends(jnp.asarray(window, dtype),
-                         (x - ox[:, None], y - oy[:, None], mask), psf_k, spec, sky,
-                         errors=self.errors, add_sources=self.add_sources,
-                         asymmetry_sources=self.asymmetry_sources,
-                         ring_sources=self.ring_sources, multi_start=self.multi_start,
-                         prior=prior,
-                         **self.fit_kwargs)
-        res = res._replace(status=np.asarray(res.status) | np.where(
-            too_many, STATUS_TOO_MANY, 0).astype(np.int32))
-        gal = jax.tree.map(np.asarray, res.galaxies)
-        gal = gal._replace(x=gal.x + ox[:, None], y=gal.y + oy[:, None])
+            sizes = np.full(len(images), min(int(self.fit_pixels), s))
+        parts = []
+        for size in np.unique(sizes):  # one fit per window size (each compiles once)
+            sel = np.flatnonzero(sizes == size)
+            ox, oy = crop_origins(x[sel], y[sel], mask[sel], s, int(size))
+            rows = oy[:, None] + np.arange(size)[None, :]
+            cols = ox[:, None] + np.arange(size)[None, :]
+            window = images[sel[:, None, None, None],
+                            np.arange(images.shape[1])[None, :, None, None],
+                            rows[:, None, :, None], cols[:, None, None, :]]
+            spec, psf_k = self._spec(int(size), pixel_scale, psfs, dtype)
+            res = fit_blends(jnp.asarray(window, dtype),
+                             (x[sel] - ox[:, None], y[sel] - oy[:, None], mask[sel]), psf_k,
+                             spec, sky, errors=self.errors, add_sources=self.add_sources,
+                             asymmetry_sources=self.asymmetry_sources,
+                             ring_sources=self.ring_sources, multi_start=self.multi_start,
+                             prior=prior, **self.fit_kwargs)
+            gal = jax.tree.map(np.asarray, res.galaxies)
+            gal = gal._replace(x=gal.x + ox[:, None], y=gal.y + oy[:, None])
+            parts.append((sel, {
+                "galaxies": gal,
+                "errors": None if res.errors is None else jax.tree.map(np.asarray, res.errors),
+                "mask": np.asarray(res.mask), "added": np.asarray(res.added),
+                "status": np.asarray(res.status), "n_steps": np.asarray(res.n_steps),
+                "chi2": np.asarray(res.chi2) / res.n_pixels}))
+
+        def gather(*leaves):  # the parts' [blend, ...] arrays back in the batch's order
+            out = np.empty((len(images),) + leaves[0].shape[1:], leaves[0].dtype)
+            for (sel, _), leaf in zip(parts, leaves, strict=True):
+                out[sel] = leaf
+            return out
+
+        fitted = jax.tree.map(gather, *(p for _, p in parts))
+        fitted["status"] = fitted["status"] | np.where(too_many, STATUS_TOO_MANY,
+                                                       0).astype(np.int32)
+        gal, errors, mask = fitted["galaxies"], fitted["errors"], fitted["mask"]
         full_spec, full_psf_k = self._spec(s, pixel_scale, psfs, dtype)
-        models = np.asarray(model_images(jax.tree.map(jnp.asarray, gal), res.mask, full_psf_k,
-                                         full_spec))
-        errors = None if res.errors is None else jax.tree.map(np.asarray, res.errors)
-        mask = np.asarray(res.mask)
+        models = np.asarray(model_images(jax.tree.map(jnp.asarray, gal), jnp.asarray(mask),
+                                         full_psf_k, full_spec))
         if self.join_pixels:
             gal, errors, mask, models = join_concentric(gal, errors, mask, models,
                                                         self.join_pixels)
         self.n_fits += 1
-        self.last_fit_pixels = size
+        self.last_fit_pixels = sizes
         return {
             "galaxies": gal,
             "errors": errors,
-            "mask": mask, "added": np.asarray(res.added),
-            "status": np.asarray(res.status),
-            "n_steps": np.asarray(res.n_steps), "chi2": np.asarray(res.chi2) / res.n_pixels,
+            "mask": mask, "added": fitted["added"],
+            "status": fitted["status"],
+            "n_steps": fitted["n_steps"], "chi2": fitted["chi2"],
             "models": models, "blendedness": model_blendedness(models), "images": images,
             "sky": sky, "bands": bands, "wcs": wcs, "multires": multires,
         }
