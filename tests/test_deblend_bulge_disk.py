@@ -96,7 +96,8 @@ def test_bulge_disk_fisher_errors_are_the_inverse_hessian():
     t = TRUTH
     v0 = jnp.array([t["x"], t["y"], *t["flux"], t["hlr"], t["g1"], t["g2"], *t["bulge_frac"],
                     t["bulge_hlr"]])
-    sigma = np.sqrt(np.diag(np.linalg.inv(np.asarray(jax.hessian(nll)(v0)))))
+    # (jitted: one compiled program, instead of op-by-op dispatch of the model's ops)
+    sigma = np.sqrt(np.diag(np.linalg.inv(np.asarray(jax.jit(jax.hessian(nll))(v0)))))
     e, ok = D.fisher_errors(_galaxies(TRUTH, 2), jnp.array([[True, False]]), image, psf_k, spec,
                             SKY)
     assert bool(ok[0])

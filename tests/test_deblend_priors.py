@@ -101,7 +101,7 @@ def test_fisher_errors_with_a_colour_prior():
         return D.neg_log_likelihood(g, mask, image, psf_k, spec, SKY)[0]
 
     v0 = jnp.array([11.3, 12.6, 6000.0, 8000.0, 0.45, 0.15, -0.1])
-    fisher = np.asarray(jax.hessian(nll)(v0))
+    fisher = np.asarray(jax.jit(jax.hessian(nll))(v0))  # one compiled program, not op by op
 
     def flat(e):
         return np.concatenate([np.asarray(a)[0, 0].ravel() for a in

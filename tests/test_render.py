@@ -239,7 +239,7 @@ def test_gradient_wrt_psf_fwhm(grad_setup):
         img, _ = render(src, psf_k, spec)
         return jnp.sum(img[0, 0] * weights)
 
-    _fd_check(fun, 0.7, "fwhm")
+    _fd_check(jax.jit(fun), 0.7, "fwhm")  # one compiled program, not the PSF's ops one by one
 
 
 # ---------------------------------------------------------------------------------------------

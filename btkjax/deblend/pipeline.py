@@ -336,9 +336,9 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         if not len(redo):
             return False
         x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
-        for r in range(len(redo)):
-            slots = np.flatnonzero(~m2[r])[:found[r].sum()]
-            x2[r, slots], y2[r, slots] = px[redo[r]][found[r]], py[redo[r]][found[r]]
+        for r, b in enumerate(redo):  # r: the row of the refit, b: the blend of the batch
+            slots = np.flatnonzero(~m2[r])[:found[b].sum()]
+            x2[r, slots], y2[r, slots] = px[b][found[b]], py[b][found[b]]
             m2[r, slots] = a2[r, slots] = True
         return bool(attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any())
 
