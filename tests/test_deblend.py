@@ -284,6 +284,21 @@ def test_fit_window():
         assert np.all(y[i][m] - oy[i] >= 0) and np.all(y[i][m] - oy[i] <= size - 1)
     assert ox[0] + 16 <= x[0][mask[0]].min() and x[0][mask[0]].max() <= ox[0] + size - 1 - 16
     assert (ox[2], oy[2]) == (28, 28)  # (120 - 64) / 2
+    # one blend at a time (ForwardModelMeasure's windows): one detection or none, 2 * 16 + 1 =
+    # 33 -> 48; the second blend alone spans 15: 15 + 33 = 48 -> 48
+    assert D.crop_size(x[2:], y[2:], mask[2:], 120, margin=16.0) == 48
+    assert D.crop_size(x[:1], y[:1], mask[:1] & [True, False, False], 120, margin=16.0) == 48
+    assert D.crop_size(x[1:2], y[1:2], mask[1:2], 120, margin=16.0) == 48
+    assert D.crop_size(x[:1], y[:1], mask[:1], 120, margin=16.0) == 64
+
+
+def test_ring_threshold_by_hand():
+    """`ring_threshold`: Akaike's (the parameters), Schwarz's (half the parameters times the
+    log of the pixel values fitted) and a number given."""
+    assert D.ring_threshold("aic", 12, 6 * 48 * 48) == 12.0
+    np.testing.assert_allclose(D.ring_threshold("bic", 12, 6 * 48 * 48),
+                               6 * np.log(13824.0), rtol=F64_SAME_RTOL)  # 57.2
+    assert D.ring_threshold(np.float32(40.0), 12, 100) == 40.0
 
 
 def test_second_batch_does_not_recompile(setup):

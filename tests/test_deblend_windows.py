@@ -31,7 +31,9 @@ def test_a_blend_measures_the_same_alone_and_in_its_batch():
     draw = btkjax.draw_blends.CatsimGenerator(catalog, sampler, survey, batch_size=4,
                                               stamp_size=12.0, add_noise="all", seed=8)
     batch = next(draw)
-    kw = dict(max_sources=3, max_steps=40, model="exponential", ring_sources=0,
+    # one blend per compiled call (chunk=1, the CPU default): with chunk > 1 a blend alone and
+    # in a group run different (vmapped) programs
+    kw = dict(max_sources=3, max_steps=40, model="exponential", ring_sources=0, chunk=1,
               multi_start=False, asymmetry_sources=0, split_sources=False, errors=False,
               merge_sources=False)
     fm = D.ForwardModelMeasure(**kw)

@@ -105,13 +105,13 @@ Modules (each public name is importable from ``btkjax.deblend``):
 - `btkjax.deblend.errors`: `fisher_errors`;
 - `btkjax.deblend.residual`: `residual_peaks`, `asymmetry_peaks`, `mirror`, the split and
   merge candidates;
-- `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`;
+- `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`, `ring_threshold`;
 - `btkjax.deblend.measure`: `ForwardModelMeasure`, `crop_size`, `crop_origins`;
 - `btkjax.deblend.scarlet`: `Scarlet2Measure` (imports scarlet2 only when called);
 - `btkjax.deblend.chunks`: the padded-chunk loop (`apply_chunked`) and `default_chunk`.
 - `ForwardModelMeasure`: a BTK measure function (``f(batch, idx, **kwargs)``) that fits the
-  whole batch once (SEP detections, on a window around them: `crop_size`, `crop_origins`) and
-  serves each blend from a cache.
+  whole batch once (SEP detections, each blend on its own window around them: `crop_size`,
+  `crop_origins`; one fit per window size) and serves each blend from a cache.
 
 Gradients for learning. `fit_unrolled` is differentiable in the images, the PSF, the sky and the
 `Prior`, so a hyper-parameter can be trained by differentiating a metric of the fitted result.
@@ -176,7 +176,12 @@ from btkjax.deblend.model import (
     to_unconstrained,
     trace_count,
 )
-from btkjax.deblend.pipeline import PaddedDetections, fit_blends, pad_detections
+from btkjax.deblend.pipeline import (
+    PaddedDetections,
+    fit_blends,
+    pad_detections,
+    ring_threshold,
+)
 from btkjax.deblend.priors import catalog_prior, colour_prior
 from btkjax.deblend.residual import (
     MergeCandidates,
@@ -234,6 +239,7 @@ __all__ = [
     "default_chunk",
     "apply_chunked",
     "pad_detections",
+    "ring_threshold",
     "fit_spec",
     "ForwardModelMeasure",
     "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR",

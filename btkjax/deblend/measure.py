@@ -150,10 +150,11 @@ def crop_origins(x, y, mask, stamp_pixels: int, size: int):
 
 def crop_size(x, y, mask, stamp_pixels: int, margin: float, step: int = 16) -> int:
     """The fit window of the blends given: the smallest multiple of ``step`` pixels that holds
-    every blend's detections with ``margin`` pixels on each side (at most the stamp)."""
+    every blend's detections with ``margin`` pixels on each side (at most the stamp; without
+    any detection, the window of one)."""
     x, y, mask = np.asarray(x, float), np.asarray(y, float), np.asarray(mask, bool)
-    if not mask.any():
-        return int(min(stamp_pixels, step))
+    if not mask.any():  # no detection: the window of one, centred on the stamp
+        return int(min(stamp_pixels, -(-int(math.ceil(2 * margin + 1)) // step) * step))
     span_x = np.where(mask, x, -np.inf).max(axis=1) - np.where(mask, x, np.inf).min(axis=1)
     span_y = np.where(mask, y, -np.inf).max(axis=1) - np.where(mask, y, np.inf).min(axis=1)
     span = float(np.max(np.where(mask.any(axis=1), np.maximum(span_x, span_y), 0.0)))
@@ -208,9 +209,11 @@ class ForwardModelMeasure:
     likelihood of the pixels in it, which holds the galaxies' light down to ``crop_margin``
     arcsec beyond the outermost detections. Light farther out carries little information, and
     the window's size sets the cost (an FFT box of 72 pixels instead of 128 for LSST 24"
-    stamps). Each blend gets its own window (a multiple of 16 pixels, `crop_size`), so its fit
-    does not depend on the other blends of its batch; the batch is fitted in one call per
-    window size, and each new size compiles once.
+    stamps). Each blend gets its own window (a multiple of 16 pixels, `crop_size`; a blend
+    without detections the window of one detection), so with one blend per compiled call (the
+    CPU default, `default_chunk`) its fit does not depend on the other blends of its batch; the
+    batch is fitted in one call per window size, and each new size compiles once (with
+    ``chunk`` > 1, each new size and group size).
 
     Args:
         model: the model fitted: a profile ("sersic", "exponential", "devaucouleurs",
@@ -239,8 +242,9 @@ class ForwardModelMeasure:
             ``benchmarks/bench_deblend.py`` (more blendedness > 0.5 galaxies matched).
         ring_sources: `fit_blends`'s ring search (a galaxy proposed beside the one with the
             largest residual excess, in this many directions; 0: none). The default, 6, was
-            chosen on the tuning seeds (blendedness > 0.5: 66 -> 81 of 133 matched, for twice
-            the CPU time). Its acceptance threshold is `fit_blends`'s ``ring_penalty`` (a
+            chosen on the tuning seeds (session 5, Akaike's threshold, batch-wide windows:
+            blendedness > 0.5, 66 -> 81 of 133 matched, for twice the CPU time; see the README
+            for this setup's numbers). Its acceptance threshold is `fit_blends`'s ``ring_penalty`` (a
             keyword passed through; default "bic").
         multi_start: `fit_blends`'s two starts of every refit (from scratch and from the fit
             as it is; default True: on the tuning seeds the median flux error of all galaxies
@@ -295,7 +299,7 @@ class ForwardModelMeasure:
     status), the flux errors ``{band}_flux_err`` of ``flux_errors`` (the Fisher errors in
     ``{band}_flux_err_fisher``), ``{band}_blendedness`` (`model_blendedness`), ``added``
     (found in the residual, ``add_sources``), ``status`` and ``n_steps`` (the blend's),
-    ``chi2_per_pixel``.
+    ``chi2_per_pixel`` (over the blend's fit window).
     """
 
     def __init__(self, model: str = "sersic", max_sources: int = 6, deblended="model",

@@ -32,7 +32,7 @@ from btkjax.deblend.residual import (
     split_candidates,
 )
 
-__all__ = ["PaddedDetections", "pad_detections", "fit_blends"]
+__all__ = ["PaddedDetections", "pad_detections", "fit_blends", "ring_threshold"]
 
 
 class PaddedDetections(NamedTuple):
@@ -43,6 +43,13 @@ class PaddedDetections(NamedTuple):
     mask: np.ndarray
     too_many: np.ndarray
 
+
+def ring_threshold(ring_penalty, n_par: int, n_data: int) -> float:
+    """The drop of -log L the ring search's best fit must exceed (`fit_blends`'s
+    ``ring_penalty``): "aic", ``n_par``; "bic", ``0.5 n_par ln(n_data)``; a number, itself."""
+    if isinstance(ring_penalty, str):
+        return float(n_par) if ring_penalty == "aic" else 0.5 * n_par * float(np.log(n_data))
+    return float(ring_penalty)
 
 
 def pad_detections(detections, max_sources: int | None = None, fluxes=None):
@@ -140,10 +147,11 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             6-band window), "aic" (Akaike's, the new galaxy's parameters, as the other model
             comparisons), or a number >= 0. The best of ``ring_sources`` non-linear fits also
             gains from a single profile's misfit of a bright galaxy (a bulge, colour
-            gradients). On the tuning seeds of ``benchmarks/bench_deblend.py`` Akaike's
-            threshold took the ring's galaxy in 67 of 200 blends, a threshold of 60 in 38: 2
-            fewer galaxies of blendedness > 0.5 matched (79 of 133), their median flux error
-            0.408 -> 0.361.
+            gradients). On the tuning seeds of ``benchmarks/bench_deblend.py`` (an offline
+            scan of session 5's setup: batch-wide fit windows, the residual additions' peak
+            bug) Akaike's threshold took the ring's galaxy in 67 of 200 blends, a threshold of
+            60 in 38: 2 fewer galaxies of blendedness > 0.5 matched (79 of 133), their median
+            flux error 0.408 -> 0.361. `ring_threshold` computes it.
         multi_start: every refit of the model comparisons (additions, splits, merges, moves)
             runs twice, from `init_galaxies` and from the fit as it is (the galaxies that stay
             where they were at their fitted parameters); the lower -log L is kept.
@@ -392,12 +400,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             losses = np.stack([np.where(np.isfinite(np.asarray(t[4][0].loss)),
                                         np.asarray(t[4][0].loss), np.inf) for t in tries])
             best = np.argmin(losses, axis=0)
-            n_data = int(np.prod(images.shape[1:]))  # pixel values fitted, bands included
-            if isinstance(ring_penalty, str):
-                penalty = n_par_one if ring_penalty == "aic" else \
-                    0.5 * n_par_one * np.log(n_data)
-            else:
-                penalty = float(ring_penalty)
+            # the pixel values fitted, bands included
+            penalty = ring_threshold(ring_penalty, n_par_one, int(np.prod(images.shape[1:])))
             ok = losses[best, np.arange(len(redo))] < np.asarray(loss)[redo] - penalty
             for k, (x2, y2, m2, a2, fitted) in enumerate(tries):
                 keep(redo, ok & (best == k), x2, y2, m2, a2, fitted)
