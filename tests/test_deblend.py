@@ -290,6 +290,8 @@ def test_fit_window():
     assert D.crop_size(x[:1], y[:1], mask[:1] & [True, False, False], 120, margin=16.0) == 48
     assert D.crop_size(x[1:2], y[1:2], mask[1:2], 120, margin=16.0) == 48
     assert D.crop_size(x[:1], y[:1], mask[:1], 120, margin=16.0) == 64
+    # the same per blend, in one call
+    assert D.crop_sizes(x, y, mask, 120, margin=16.0).tolist() == [64, 48, 48]
 
 
 def test_ring_threshold_by_hand():

@@ -106,11 +106,11 @@ Modules (each public name is importable from ``btkjax.deblend``):
 - `btkjax.deblend.residual`: `residual_peaks`, `asymmetry_peaks`, `mirror`, the split and
   merge candidates;
 - `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`, `ring_threshold`;
-- `btkjax.deblend.measure`: `ForwardModelMeasure`, `crop_size`, `crop_origins`;
+- `btkjax.deblend.measure`: `ForwardModelMeasure`, `crop_size`, `crop_sizes`, `crop_origins`;
 - `btkjax.deblend.scarlet`: `Scarlet2Measure` (imports scarlet2 only when called);
 - `btkjax.deblend.chunks`: the padded-chunk loop (`apply_chunked`) and `default_chunk`.
 - `ForwardModelMeasure`: a BTK measure function (``f(batch, idx, **kwargs)``) that fits the
-  whole batch once (SEP detections, each blend on its own window around them: `crop_size`,
+  whole batch once (SEP detections, each blend on its own window around them: `crop_sizes`,
   `crop_origins`; one fit per window size) and serves each blend from a cache.
 
 Gradients for learning. `fit_unrolled` is differentiable in the images, the PSF, the sky and the
@@ -149,6 +149,7 @@ from btkjax.deblend.measure import (
     coadd_detections,
     crop_origins,
     crop_size,
+    crop_sizes,
     join_concentric,
     model_blendedness,
 )
@@ -236,6 +237,7 @@ __all__ = [
     "colour_prior",
     "crop_origins",
     "crop_size",
+    "crop_sizes",
     "default_chunk",
     "apply_chunked",
     "pad_detections",

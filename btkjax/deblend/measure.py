@@ -27,7 +27,7 @@ from btkjax.measure import pixel_to_arcsec, select_survey, sep_singleband_measur
 from btkjax.optics import psf_kimage_from_galsim
 from btkjax.survey import get_mean_sky_level
 
-__all__ = ["coadd_detections", "crop_origins", "crop_size", "ForwardModelMeasure",
+__all__ = ["coadd_detections", "crop_origins", "crop_size", "crop_sizes", "ForwardModelMeasure",
            "COADD_SEP_KWARGS", "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR", "FluxErrorModel",
            "FLUX_ERROR_MODEL", "model_blendedness", "join_concentric"]
 
@@ -150,18 +150,22 @@ def crop_origins(x, y, mask, stamp_pixels: int, size: int):
     return ox, oy
 
 
-def crop_size(x, y, mask, stamp_pixels: int, margin: float, step: int = 16) -> int:
-    """The fit window of the blends given: the smallest multiple of ``step`` pixels that holds
-    every blend's detections with ``margin`` pixels on each side (at most the stamp; without
-    any detection, the window of one)."""
+def crop_sizes(x, y, mask, stamp_pixels: int, margin: float, step: int = 16) -> np.ndarray:
+    """Each blend's fit window [blend]: the smallest multiple of ``step`` pixels that holds its
+    detections with ``margin`` pixels on each side (at most the stamp; a blend without
+    detections gets the window of one)."""
     x, y, mask = np.asarray(x, float), np.asarray(y, float), np.asarray(mask, bool)
-    if not mask.any():  # no detection: the window of one, centred on the stamp
-        return int(min(stamp_pixels, -(-int(math.ceil(2 * margin + 1)) // step) * step))
+    any_ = mask.any(axis=1)
     span_x = np.where(mask, x, -np.inf).max(axis=1) - np.where(mask, x, np.inf).min(axis=1)
     span_y = np.where(mask, y, -np.inf).max(axis=1) - np.where(mask, y, np.inf).min(axis=1)
-    span = float(np.max(np.where(mask.any(axis=1), np.maximum(span_x, span_y), 0.0)))
-    need = int(math.ceil(span + 2 * margin + 1))
-    return int(min(stamp_pixels, -(-need // step) * step))
+    span = np.where(any_, np.maximum(np.where(any_, span_x, 0), np.where(any_, span_y, 0)), 0.0)
+    need = np.ceil(span + 2 * margin + 1).astype(int)
+    return np.minimum(stamp_pixels, -(-need // step) * step).astype(int)
+
+
+def crop_size(x, y, mask, stamp_pixels: int, margin: float, step: int = 16) -> int:
+    """The fit window that holds every blend given (the largest of `crop_sizes`)."""
+    return int(crop_sizes(x, y, mask, stamp_pixels, margin, step).max())
 
 
 def join_concentric(gal: Galaxies, errors: Galaxies | None, mask, models, join_pixels: float):
@@ -211,7 +215,7 @@ class ForwardModelMeasure:
     likelihood of the pixels in it, which holds the galaxies' light down to ``crop_margin``
     arcsec beyond the outermost detections. Light farther out carries little information, and
     the window's size sets the cost (an FFT box of 72 pixels instead of 128 for LSST 24"
-    stamps). Each blend gets its own window (a multiple of 16 pixels, `crop_size`; a blend
+    stamps). Each blend gets its own window (a multiple of 16 pixels, `crop_sizes`; a blend
     without detections the window of one detection), so with one blend per compiled call (the
     CPU default, `default_chunk`) its fit does not depend on the other blends of its batch; the
     batch is fitted in one call per window size, and each new size compiles once (with
@@ -228,7 +232,7 @@ class ForwardModelMeasure:
         seg_factor: a galaxy's segmentation is where its model exceeds ``seg_factor`` times the
             sky noise in some band.
         pad_pixels: FFT box = the fit window + this many pixels (`fit_spec`).
-        fit_pixels: "auto" (each blend's `crop_size` of its detections with
+        fit_pixels: "auto" (each blend's `crop_sizes` of its detections with
             ``crop_margin``), a window side in pixels, or None (the whole stamp).
         crop_margin: arcsec kept around the detections by ``fit_pixels="auto"``.
         errors: compute the Fisher errors (``*_err`` columns).
@@ -494,9 +498,7 @@ class ForwardModelMeasure:
         if self.fit_pixels is None:
             sizes = np.full(len(images), s)
         elif self.fit_pixels == "auto":  # each blend's own window: no blend sees the batch
-            sizes = np.array([crop_size(x[i:i + 1], y[i:i + 1], mask[i:i + 1], s,
-                                        self.crop_margin / pixel_scale)
-                              for i in range(len(images))], int)
+            sizes = crop_sizes(x, y, mask, s, self.crop_margin / pixel_scale)
         else:
             sizes = np.full(len(images), min(int(self.fit_pixels), s))
         parts = []
