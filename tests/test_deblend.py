@@ -8,6 +8,7 @@ import pytest
 from deblend_scene import fit_scene
 
 from btkjax import deblend as D
+from btkjax.deblend.model import n_params
 from btkjax.noise import add_noise
 from btkjax.tolerances import (
     BLENDEDNESS_F32_ATOL,
@@ -115,6 +116,22 @@ def test_missed_galaxy_is_added_from_the_residual(setup):
         assert max(err.values()) < DEBLEND_NOISELESS_RTOL, err
         one = jax.tree.map(lambda a, p=p: a[1 - p:2 - p, :1], res.galaxies)
         assert max(_rel_errors(one, alone).values()) < DEBLEND_NOISELESS_RTOL
+    # ``penalty`` is the drop of -log L the addition must exceed: the pair's gain over its
+    # one-galaxy fit, just below it the galaxy is added, just above it the fit stays as it was
+    image = D.model_images(pair, mask, psf_k, spec).sum(axis=1)
+    det1 = tuple(a[:1] for a in det)
+    same = dict(rtol=1e-13, errors=False)
+    plain = D.fit_blends(image, det1, psf_k, spec, SKY, **same)
+    added = D.fit_blends(image, det1, psf_k, spec, SKY, add_sources=1, **same)
+    gain = float(plain.loss[0]) - float(added.loss[0])
+    assert gain > n_params("exponential", image.shape[1])  # Akaike's, the default
+    for penalty, n_kept in ((gain - 1.0, 2), (gain + 1.0, 1)):
+        res = D.fit_blends(image, det1, psf_k, spec, SKY, add_sources=1, penalty=penalty,
+                           **same)
+        assert int(np.asarray(res.mask).sum()) == n_kept, (penalty, gain)
+    for bad in ("schwarz", -1.0, float("inf"), False, None):
+        with pytest.raises(ValueError, match="penalty must be 'aic', 'bic' or a finite"):
+            D.fit_blends(image, det1, psf_k, spec, SKY, add_sources=1, penalty=bad, **same)
 
 
 def test_pulls_match_cramer_rao(setup):

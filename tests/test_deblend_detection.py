@@ -201,6 +201,43 @@ def test_join_concentric_adds_a_galaxys_components_by_hand():
     np.testing.assert_allclose(g3.bulge_frac[0, 1], want, rtol=F64_SAME_RTOL)
 
 
+def test_concentric_profile_takes_a_bulge_that_pieces_would_absorb(setup, x64):
+    """One galaxy of two concentric profiles of different colours and sizes (a disk and a
+    bulge), one detection. One profile misfits it, and the residual additions put two
+    offset pieces beside it (the galaxy reported as three). With ``concentric_sources=1`` a
+    second profile at the fitted centre is proposed first; it takes the bulge, nothing is
+    left for the residual, and both profiles are recovered where they are (noiseless, the
+    fitted family)."""
+    spec, psf_k = setup
+    bd = D.Galaxies(x=jnp.array([[11.3, 11.3]]), y=jnp.array([[12.2, 12.2]]),
+                    flux=jnp.array([[[60000.0, 30000.0], [20000.0, 40000.0]]]),
+                    hlr=jnp.array([[0.8, 0.2]]), g1=jnp.array([[0.3, 0.0]]),
+                    g2=jnp.array([[0.05, 0.0]]), n=jnp.ones((1, 2)))
+    image = D.model_images(bd, jnp.ones((1, 2), bool), psf_k, spec).sum(axis=1)
+    det = (np.array([[11.0, 0.0, 0.0]]), np.array([[12.0, 0.0, 0.0]]),
+           np.array([[True, False, False]]))
+    same = dict(errors=False, rtol=1e-13, max_steps=3000, add_sources=2,
+                split_min_excess=-np.inf)
+    pieces = D.fit_blends(image, det, psf_k, spec, SKY, **same)
+    assert int(np.asarray(pieces.mask).sum()) == 3
+    # the pieces sit well away from the centre (neither is a bulge)
+    far = np.hypot(np.asarray(pieces.galaxies.x)[0, 1:] - 11.3,
+                   np.asarray(pieces.galaxies.y)[0, 1:] - 12.2)
+    assert far.min() > 2.0, far
+    res = D.fit_blends(image, det, psf_k, spec, SKY, concentric_sources=1, **same)
+    assert np.asarray(res.mask).tolist() == [[True, True, False]]
+    assert float(res.loss[0]) < float(pieces.loss[0])
+    got = jax.tree.map(lambda a: np.asarray(a)[:, :2], res.galaxies)
+    order = np.argsort(-got.hlr[0])  # disk first
+    for name in ("x", "y", "hlr", "g1", "g2"):
+        np.testing.assert_allclose(getattr(got, name)[0, order], np.asarray(getattr(bd, name))[0],
+                                   atol=DEBLEND_NOISELESS_RTOL, err_msg=name)
+    np.testing.assert_allclose(got.flux[0, order], np.asarray(bd.flux)[0],
+                               rtol=DEBLEND_NOISELESS_RTOL)
+    with pytest.raises(ValueError, match="concentric_sources must be a number of rounds"):
+        D.fit_blends(image, det, psf_k, spec, SKY, concentric_sources=True, **same)
+
+
 def test_ring_finds_a_neighbour_a_single_profile_absorbed(setup, x64):
     """A faint galaxy (10% of the light) 3.2 pixels (0.9 PSF FWHM) from a bright one, one
     detection: the single profile absorbs it, and no residual peak is left for

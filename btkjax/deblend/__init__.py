@@ -105,7 +105,7 @@ Modules (each public name is importable from ``btkjax.deblend``):
 - `btkjax.deblend.errors`: `fisher_errors`;
 - `btkjax.deblend.residual`: `residual_peaks`, `asymmetry_peaks`, `mirror`, the split and
   merge candidates;
-- `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`, `ring_threshold`;
+- `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`, `ring_threshold`, `check_penalty`;
 - `btkjax.deblend.measure`: `ForwardModelMeasure`, `crop_size`, `crop_sizes`, `crop_origins`;
 - `btkjax.deblend.scarlet`: `Scarlet2Measure` (imports scarlet2 only when called);
 - `btkjax.deblend.chunks`: the padded-chunk loop (`apply_chunked`) and `default_chunk`.
@@ -179,6 +179,7 @@ from btkjax.deblend.model import (
 )
 from btkjax.deblend.pipeline import (
     PaddedDetections,
+    check_penalty,
     fit_blends,
     pad_detections,
     ring_threshold,
@@ -242,6 +243,7 @@ __all__ = [
     "apply_chunked",
     "pad_detections",
     "ring_threshold",
+    "check_penalty",
     "fit_spec",
     "ForwardModelMeasure",
     "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR",

@@ -32,7 +32,7 @@ from btkjax.deblend.residual import (
     split_candidates,
 )
 
-__all__ = ["PaddedDetections", "pad_detections", "fit_blends", "ring_threshold"]
+__all__ = ["PaddedDetections", "pad_detections", "fit_blends", "ring_threshold", "check_penalty"]
 
 
 class PaddedDetections(NamedTuple):
@@ -50,6 +50,17 @@ def ring_threshold(ring_penalty, n_par: int, n_data: int) -> float:
     if isinstance(ring_penalty, str):
         return float(n_par) if ring_penalty == "aic" else 0.5 * n_par * float(np.log(n_data))
     return float(ring_penalty)
+
+
+def check_penalty(name: str, value):
+    """Raises a ValueError naming ``name`` unless ``value`` is a model-comparison penalty of
+    `ring_threshold`: "aic", "bic" or a finite number >= 0."""
+    if not ((isinstance(value, str) and value in ("aic", "bic")) or (
+            not isinstance(value, bool | str) and
+            isinstance(value, int | float | np.integer | np.floating) and
+            np.isfinite(value) and value >= 0)):
+        raise ValueError(f"{name} must be 'aic', 'bic' or a finite number >= 0 (-log L), "
+                         f"got {value!r}.")
 
 
 def pad_detections(detections, max_sources: int | None = None, fluxes=None):
@@ -96,7 +107,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                merge_rounds: int = 1, move_sources: bool = False,
                asymmetry_sources: int = 0, asymmetry_kwargs: dict | None = None,
                ring_sources: int = 0, ring_radius: float = 3.0,
-               ring_penalty: float | str = "bic", multi_start: bool = False,
+               ring_penalty: float | str = "bic", penalty: float | str = "aic",
+               concentric_sources: int = 0, multi_start: bool = False,
                start_hlr: float | None = None,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
@@ -152,6 +164,19 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             bug) Akaike's threshold took the ring's galaxy in 67 of 200 blends, a threshold of
             60 in 38: 2 fewer galaxies of blendedness > 0.5 matched (79 of 133), their median
             flux error 0.408 -> 0.361. `ring_threshold` computes it.
+        penalty: the drop of -log L per new galaxy that the additions (``asymmetry_sources``,
+            ``add_sources``) and splits must exceed, and the rise per removed galaxy below which
+            a merge is kept (and the moves' criterion, -log L plus it per galaxy): "aic" (the
+            default: Akaike's, the galaxy's parameters), "bic" (Schwarz's, as ``ring_penalty``)
+            or a number >= 0 (`ring_threshold`).
+        concentric_sources: rounds of a second profile at the fitted centre of the galaxy of
+            largest residual excess of each blend with a free slot (as ``split_sources``'
+            candidates), before any addition: a bulge, a core or a colour gradient that one
+            profile misfits and that offset pieces (residual peaks, splits, the ring) would
+            otherwise absorb. Kept by ``penalty``, as an addition; each round stops early when
+            none is kept. With it (> 0), the splits and the ring search also propose the
+            concentric profile beside their own proposals, and keep the best of them.
+            `ForwardModelMeasure` reports a concentric pair as one galaxy (``join_pixels``).
         multi_start: every refit of the model comparisons (additions, splits, merges, moves)
             runs twice, from `init_galaxies` and from the fit as it is (the galaxies that stay
             where they were at their fitted parameters); the lower -log L is kept.
@@ -184,6 +209,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                                      ("add_sources", add_sources, 0, "galaxies"),
                                      ("asymmetry_sources", asymmetry_sources, 0, "galaxies"),
                                      ("ring_sources", ring_sources, 0, "directions"),
+                                     ("concentric_sources", concentric_sources, 0, "rounds"),
                                      ("residual_rounds", residual_rounds, 1, "rounds")):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
             raise ValueError(f"{name} must be a number of {what} >= {least}, got {value!r}.")
@@ -191,15 +217,12 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             or not (np.isfinite(ring_radius) and ring_radius > 0):
         raise ValueError(f"ring_radius must be a finite number of pixels > 0, got "
                          f"{ring_radius!r}.")
-    if not ((isinstance(ring_penalty, str) and ring_penalty in ("aic", "bic")) or (
-            not isinstance(ring_penalty, bool | str) and
-            isinstance(ring_penalty, int | float | np.integer | np.floating) and
-            np.isfinite(ring_penalty) and ring_penalty >= 0)):
-        raise ValueError(f"ring_penalty must be 'aic', 'bic' or a finite number >= 0 (-log L), "
-                         f"got {ring_penalty!r}.")
+    check_penalty("ring_penalty", ring_penalty)
+    check_penalty("penalty", penalty)
     needs_one_psf = [name for name, on in (("add_sources", add_sources),
                                            ("asymmetry_sources", asymmetry_sources),
                                            ("ring_sources", ring_sources),
+                                           ("concentric_sources", concentric_sources),
                                            ("split_sources", split_sources),
                                            ("move_sources", move_sources and merge_sources))
                      if on]
@@ -266,6 +289,9 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
     galaxies = to_physical_batch(out.params, ax, ay, chunk, model, max_offset)
     added = np.zeros(mask.shape, bool)
     n_par_one = n_params(model, n_band)
+    # the pixel values fitted, bands included
+    n_data = int(np.prod(images.shape[1:]))
+    per_galaxy = ring_threshold(penalty, n_par_one, n_data)
 
     def refit(redo, x2, y2, m2):
         """Fits blends ``redo`` again from the detections (x2, y2, m2): (output of `fit`,
@@ -326,13 +352,40 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
 
     def attempt(redo, x2, y2, m2, a2, n_new):
         """Refits blends ``redo`` from the detections (x2, y2, m2) and keeps each refit whose
-        -log L drops by more than its ``n_new`` galaxies' parameters (Akaike); returns which
-        were kept ([len(redo)] bool)."""
+        -log L drops by more than ``penalty`` for each of its ``n_new`` galaxies (negative:
+        removed); returns which were kept ([len(redo)] bool)."""
         fitted = refit(redo, x2, y2, m2)
         new_loss = np.asarray(fitted[0].loss)
-        ok = np.isfinite(new_loss) & (new_loss < np.asarray(loss)[redo] - n_new * n_par_one)
+        ok = np.isfinite(new_loss) & (new_loss < np.asarray(loss)[redo] - n_new * per_galaxy)
         keep(redo, ok, x2, y2, m2, a2, fitted)
         return ok
+
+    def attempt_best(redo, proposals, threshold):
+        """Refits blends ``redo`` from each of ``proposals`` (a list of (x2, y2, m2, a2)) and
+        keeps each blend's best refit when its -log L drops by more than ``threshold``;
+        returns which were kept ([len(redo)] bool)."""
+        fits = [refit(redo, *p[:3]) for p in proposals]
+        losses = np.stack([np.where(np.isfinite(np.asarray(f[0].loss)), np.asarray(f[0].loss),
+                                    np.inf) for f in fits])
+        best = np.argmin(losses, axis=0)
+        ok = losses[best, np.arange(len(redo))] < np.asarray(loss)[redo] - threshold
+        for k, (p, fitted) in enumerate(zip(proposals, fits, strict=True)):
+            keep(redo, ok & (best == k), *p, fitted)
+        return ok
+
+    def concentric(redo, slot):
+        """The proposal of a second profile at the fitted centre of each blend's galaxy
+        ``slot`` (a quarter pixel along its major axis, so that the two starts differ): a
+        bulge and a disk, or a colour gradient, rather than two galaxies."""
+        g = jax.tree.map(np.asarray, galaxies)
+        axis = 0.5 * np.arctan2(g.g2, g.g1)[redo, slot]
+        x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
+        for r in range(len(redo)):
+            new = np.flatnonzero(~m2[r])[0]
+            x2[r, new] = np.clip(g.x[redo[r], slot[r]] + 0.25 * np.cos(axis[r]), 0, s - 1)
+            y2[r, new] = np.clip(g.y[redo[r], slot[r]] + 0.25 * np.sin(axis[r]), 0, s - 1)
+            m2[r, new] = a2[r, new] = True
+        return x2, y2, m2, a2
 
     def add_peaks(peaks):
         """Puts each blend's significant ``peaks`` (`ResidualPeaks`) in its free slots and
@@ -350,6 +403,13 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, slots] = a2[r, slots] = True
         return bool(attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any())
 
+    for _ in range(int(concentric_sources)):
+        cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
+                                min_excess=float(split_min_excess))
+        redo = np.flatnonzero(cand.slot >= 0)
+        if not len(redo) or not attempt_best(redo, [concentric(redo, cand.slot[redo])],
+                                             per_galaxy).any():
+            break
     if asymmetry_sources:
         add_peaks(asymmetry_peaks(galaxies, jmask, images, psf_k, spec, sky_init,
                                   n_add=int(asymmetry_sources), chunk=chunk,
@@ -371,7 +431,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             x2[r, cand.slot[b]], y2[r, cand.slot[b]] = cand.x1[b], cand.y1[b]
             x2[r, new], y2[r, new] = cand.x2[b], cand.y2[b]
             m2[r, new] = a2[r, new] = True
-        if not attempt(redo, x2, y2, m2, a2, np.ones(len(redo))).any():
+        proposals = [(x2, y2, m2, a2)]
+        if concentric_sources:
+            proposals.append(concentric(redo, cand.slot[redo]))
+        if not attempt_best(redo, proposals, per_galaxy).any():
             break
     if ring_sources:
         # a neighbour within ~1 PSF FWHM of a bright galaxy whose one profile has absorbed it:
@@ -386,7 +449,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             g = jax.tree.map(np.asarray, galaxies)
             cx, cy = g.x[redo, cand.slot[redo]], g.y[redo, cand.slot[redo]]
             axis = 0.5 * np.arctan2(g.g2, g.g1)[redo, cand.slot[redo]]
-            tries = []
+            proposals = []
             for k in range(int(ring_sources)):
                 theta = axis + 2 * np.pi * k / int(ring_sources)
                 x2, y2 = x[redo].copy(), y[redo].copy()
@@ -396,15 +459,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                     x2[r, new] = np.clip(cx[r] + ring_radius * np.cos(theta[r]), 0, s - 1)
                     y2[r, new] = np.clip(cy[r] + ring_radius * np.sin(theta[r]), 0, s - 1)
                     m2[r, new] = a2[r, new] = True
-                tries.append((x2, y2, m2, a2, refit(redo, x2, y2, m2)))
-            losses = np.stack([np.where(np.isfinite(np.asarray(t[4][0].loss)),
-                                        np.asarray(t[4][0].loss), np.inf) for t in tries])
-            best = np.argmin(losses, axis=0)
-            # the pixel values fitted, bands included
-            penalty = ring_threshold(ring_penalty, n_par_one, int(np.prod(images.shape[1:])))
-            ok = losses[best, np.arange(len(redo))] < np.asarray(loss)[redo] - penalty
-            for k, (x2, y2, m2, a2, fitted) in enumerate(tries):
-                keep(redo, ok & (best == k), x2, y2, m2, a2, fitted)
+                proposals.append((x2, y2, m2, a2))
+            if concentric_sources:
+                proposals.append(concentric(redo, cand.slot[redo]))
+            attempt_best(redo, proposals, ring_threshold(ring_penalty, n_par_one, n_data))
     tried = np.zeros(mask.shape + mask.shape[1:], bool)  # [blend, slot, slot] pairs proposed
     for _ in range(int(merge_rounds) if merge_sources else 0):
         cand = merge_candidates(galaxies, mask, spec.pixel_scale,
@@ -424,7 +482,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         # moved (the merged fit's most significant residual peak in the freed slot)
         merged = refit(redo, x2, y2, m2)
         aic_old = np.asarray(loss)[redo]
-        aic_merged = np.asarray(merged[0].loss) - n_par_one
+        aic_merged = np.asarray(merged[0].loss) - per_galaxy
         aic_merged = np.where(np.isfinite(aic_merged), aic_merged, np.inf)
         img2 = np.asarray(images)[redo]
         peaks = residual_peaks(merged[2], jnp.asarray(m2), img2, psf_k, spec, sky_init, n_add=1,
