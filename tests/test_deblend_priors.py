@@ -387,6 +387,8 @@ def test_move_frees_a_piece_for_the_undetected_neighbour():
     ({"ring_sources": 6, "per_blend_psf": True}, "ring_sources needs one PSF"),
     ({"ring_radius": 0.0}, "ring_radius must be"),
     ({"ring_radius": float("inf")}, "ring_radius must be"),
+    ({"concentric_sources": -1}, "concentric_sources must be"),
+    ({"concentric_sources": 1, "per_blend_psf": True}, "concentric_sources needs one PSF"),
 ])
 def test_rounds_are_validated(kwargs, match):
     """Bad counts and options that need one PSF for the batch fail before any fit."""

@@ -75,7 +75,8 @@ Galaxies the detection missed (`residual_peaks`, ``add_sources``): a fitted sing
 absorbs the light of an undetected neighbour. The matched-filtered residual, divided by its
 noise (Poisson plus a few percent of the model for model mismatch), shows such a neighbour; it
 is put in a free slot and the blend fitted again, and the refit is kept when -log L drops by
-more than the number of new parameters. A neighbour hidden in a galaxy whose profile the model
+more than ``penalty`` per new galaxy (Schwarz's criterion by default in `ForwardModelMeasure`,
+Akaike's in `fit_blends`). A neighbour hidden in a galaxy whose profile the model
 does not quite describe (a bulge and a disk fitted with one Sersic profile) is found in the
 antisymmetric part of that galaxy's light about its fitted centre (`asymmetry_peaks`,
 ``asymmetry_sources``): any point-symmetric galaxy cancels there, whatever its profile.
@@ -83,7 +84,7 @@ antisymmetric part of that galaxy's light about its fitted centre (`asymmetry_pe
 Galaxies merged into one detection (``split_sources``, `split_candidates`): a single profile
 fitted to two merged galaxies leaves an excess of residual chi-square near it rather than a peak;
 the galaxy with the largest excess is replaced by two on its major axis and the blend fitted
-again, kept by the same Akaike rule. `ForwardModelMeasure(detection="coadd")` detects on the
+again, kept by the same criterion. `ForwardModelMeasure(detection="coadd")` detects on the
 SED-weighted multi-band coadd (`coadd_detections`) instead of SEP's i band.
 
 Pure functions and the high-level path:

@@ -129,8 +129,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         add_sources: after the fit, look for up to this many sources per blend that the
             detection missed (`residual_peaks` of the residual, ``residual_kwargs``), put them
             in free slots, and fit those blends again from `init_galaxies`; the refit is kept
-            (status `STATUS_ADDED`, ``FitResult.added``) when -log L drops by more than the
-            number of new parameters.
+            (status `STATUS_ADDED`, ``FitResult.added``) when -log L drops by more than
+            ``penalty`` per new galaxy.
         residual_kwargs: ``snr_threshold``, ``min_distance``, ``mismatch``, ``colour`` of
             `residual_peaks`.
         residual_rounds: rounds of residual detection (each looks at the residual of the fit
@@ -146,24 +146,24 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             fitted galaxy with the largest excess chi-square of the residual near it
             (`split_candidates`, above ``split_min_excess``) is replaced by two galaxies on its
             major axis, and the blend fitted again; the two are kept when -log L drops by more
-            than the new galaxy's parameters (Akaike), as for ``add_sources``.
+            than ``penalty``, as for ``add_sources``.
         ring_sources: after the splits, in each blend with a free slot, the fitted galaxy with
             the largest residual excess (as ``split_sources``') gets a new galaxy beside it,
             ``ring_radius`` pixels away in each of ``ring_sources`` directions (from its major
             axis) in turn; the blend is fitted for each, and the best fit kept when -log L drops
             by more than ``ring_penalty``. 0: none.
         ring_radius: see ``ring_sources`` (pixels).
-        ring_penalty: the drop of -log L the ring's best fit must exceed: "bic" (the
-            default: Schwarz's, half the new galaxy's parameters times the log of the number
-            of pixel values fitted, bands included: ~57 for 12 parameters on a 48-pixel,
-            6-band window), "aic" (Akaike's, the new galaxy's parameters, as the other model
-            comparisons), or a number >= 0. The best of ``ring_sources`` non-linear fits also
-            gains from a single profile's misfit of a bright galaxy (a bulge, colour
-            gradients). On the tuning seeds of ``benchmarks/bench_deblend.py`` (an offline
-            scan of session 5's setup: batch-wide fit windows, the residual additions' peak
-            bug) Akaike's threshold took the ring's galaxy in 67 of 200 blends, a threshold of
-            60 in 38: 2 fewer galaxies of blendedness > 0.5 matched (79 of 133), their median
-            flux error 0.408 -> 0.361. `ring_threshold` computes it.
+        ring_penalty: the drop of -log L the ring's best fit must exceed: "bic" (the default:
+            Schwarz's, half the new galaxy's parameters times the log of the number of pixel
+            values fitted, bands included: ~57 for 12 parameters on a 48-pixel, 6-band window),
+            "aic" (Akaike's, the new galaxy's parameters), or a number >= 0. The best of
+            ``ring_sources`` non-linear fits also gains from a single profile's misfit of a
+            bright galaxy (a bulge, colour gradients). On the tuning seeds of
+            ``benchmarks/bench_deblend.py`` (an offline scan of session 5's setup: batch-wide
+            fit windows, the residual additions' peak bug) Akaike's threshold took the ring's
+            galaxy in 67 of 200 blends, a threshold of 60 in 38: 2 fewer galaxies of blendedness
+            > 0.5 matched (79 of 133), their median flux error 0.408 -> 0.361. `ring_threshold`
+            computes it.
         penalty: the drop of -log L per new galaxy that the additions (``asymmetry_sources``,
             ``add_sources``) and splits must exceed, and the rise per removed galaxy below which
             a merge is kept (and the moves' criterion, -log L plus it per galaxy): "aic" (the
@@ -173,9 +173,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             largest residual excess of each blend with a free slot (as ``split_sources``'
             candidates), before any addition: a bulge, a core or a colour gradient that one
             profile misfits and that offset pieces (residual peaks, splits, the ring) would
-            otherwise absorb. Kept by ``penalty``, as an addition; each round stops early when
+            otherwise absorb. Kept by ``penalty``, as an addition; the rounds stop early when
             none is kept. With it (> 0), the splits and the ring search also propose the
-            concentric profile beside their own proposals, and keep the best of them.
+            concentric profile beside their own proposals, and keep the best of them by their
+            own threshold (``penalty`` for the splits, ``ring_penalty`` for the ring).
             `ForwardModelMeasure` reports a concentric pair as one galaxy (``join_pixels``).
         multi_start: every refit of the model comparisons (additions, splits, merges, moves)
             runs twice, from `init_galaxies` and from the fit as it is (the galaxies that stay
@@ -186,13 +187,14 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             fainter of the two fitted galaxies closest in units of their half-light radii
             (`merge_candidates`, closer than ``merge_max_separation``) is removed and the blend
             fitted again; the fit with one galaxy fewer is kept unless -log L rises by more
-            than that galaxy's parameters (Akaike). ``merge_rounds`` rounds at most: each
+            than ``penalty``. ``merge_rounds`` rounds at most: each
             proposes in each blend the closest pair not proposed since the blend last changed
             (it stops early when no pair is left).
         move_sources: with ``merge_sources``, a third model of each merge candidate's blend:
             the galaxy moved instead of removed, to the most significant peak of the merged
             fit's residual (`residual_peaks`, ``residual_kwargs``), and the blend fitted again;
-            of the three (as it is, merged, moved) the one of least Akaike criterion is kept. A
+            of the three (as it is, merged, moved) the one of least information criterion
+            (-log L plus ``penalty`` per galaxy) is kept. A
             bright galaxy fitted as two pieces while a faint neighbour went undetected is a
             local minimum that neither a merge (the neighbour's light is lost) nor a residual
             detection (the piece holds it) leaves. Needs one PSF for the batch.
@@ -368,7 +370,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         losses = np.stack([np.where(np.isfinite(np.asarray(f[0].loss)), np.asarray(f[0].loss),
                                     np.inf) for f in fits])
         best = np.argmin(losses, axis=0)
-        ok = losses[best, np.arange(len(redo))] < np.asarray(loss)[redo] - threshold
+        ok = losses[best, np.arange(len(redo))] < np.asarray(loss, float)[redo] - threshold
         for k, (p, fitted) in enumerate(zip(proposals, fits, strict=True)):
             keep(redo, ok & (best == k), *p, fitted)
         return ok
@@ -478,7 +480,8 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             kept = attempt(redo, x2, y2, m2, a2, -np.ones(len(redo)))
             tried[redo[kept]] = False  # a new configuration: every pair may be proposed
             continue
-        # Akaike among three models of each blend: as it is, merged (one galaxy fewer), and
+        # the least information criterion (-log L + penalty per galaxy) among three models of
+        # each blend: as it is, merged (one galaxy fewer), and
         # moved (the merged fit's most significant residual peak in the freed slot)
         merged = refit(redo, x2, y2, m2)
         aic_old = np.asarray(loss)[redo]
