@@ -15,7 +15,9 @@ a galaxy is (deblended - isolated) / sigma, with
     sigma^2 = fisher^2 + (floor * F)^2 + (blend * b * F)^2      (`FluxErrorModel`).
 
 ``--band b``: another band's pulls instead of the i band's (the rows' ``bands``; binned by that
-band's true blendedness), e.g. to check in every band a model fitted on the i band.
+band's true blendedness), or a comma list of bands: ``--fit`` fits each band on its own pulls
+(``FluxErrorModel.bands``; the record's ``per_band``), ``--check`` checks each with its own
+coefficients (`btkjax.deblend.FluxErrorModel.coefficients`).
 
 ``--fit``: the (floor, blend) on a grid (steps 0.0025 and 0.01) that minimizes the sum over the
 blendedness bins < 0.1, 0.1 - 0.5 and > 0.5 (the true blendedness, as bench_deblend.py bins) of
@@ -125,28 +127,29 @@ def main(argv=None):
     what.add_argument("--check", metavar="ROWS")
     ap.add_argument("--model", default=None, help="floor,blend to check (default btkjax's)")
     ap.add_argument("--band", default="i",
-                    help="the band whose pulls are fitted or checked; --check takes a comma "
-                         "list (e.g. u,g,r,i,z,y)")
+                    help="the band whose pulls are fitted or checked, or a comma list (e.g. "
+                         "u,g,r,i,z,y): each band fitted on its own pulls, or checked with its "
+                         "own coefficients (`FluxErrorModel.coefficients`)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     path = args.fit or args.check
     bands = args.band.split(",")
-    if args.fit and len(bands) != 1:
-        raise SystemExit(f"--fit fits one band, got --band {args.band}.")
+    data = {band: load(path, band=band) for band in bands}
     if args.fit:
-        floor, blend = fit(load(path, band=bands[0]))
+        coef = {band: fit(data[band]) for band in bands}
     elif args.model:
         floor, blend = (float(v) for v in args.model.split(","))
+        coef = {band: (floor, blend) for band in bands}
     else:
-        floor, blend = FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend
+        coef = {band: FLUX_ERROR_MODEL.coefficients(band) for band in bands}
     rows = []
     for band in bands:
-        d = load(path, band=band)
-        rows += ([{"band": band, "errors": "fisher", **s} for s in stats(d, 0.0, 0.0)] +
+        floor, blend = coef[band]
+        rows += ([{"band": band, "errors": "fisher", **s} for s in stats(data[band], 0.0, 0.0)] +
                  [{"band": band, "errors": f"floor {floor:g}, blend {blend:g}", **s}
-                  for s in stats(d, floor, blend)])
-    print(f"{'fitted on' if args.fit else 'checked on'} {path}, band {args.band}: "
-          f"floor={floor:g}, blend={blend:g}")
+                  for s in stats(data[band], floor, blend)])
+    print(f"{'fitted on' if args.fit else 'checked on'} {path}: " +
+          ", ".join(f"{band} floor={f:g}, blend={b:g}" for band, (f, b) in coef.items()))
     print(table(rows, ["band", "errors", "blendedness", "n", "width", "median", "within_1",
                        "within_2", "abs_q68", "abs_q95"]))
     out = args.out or (os.path.join(os.path.dirname(__file__), "results",
@@ -154,10 +157,13 @@ def main(argv=None):
     if out:
         with open(path) as fh:
             summary = json.load(fh)["summary"]
-        write_json(out, {"machine": machine(), "rows_file": os.path.basename(path),
-                         "bands": bands, "bench_summary": summary,
-                         "mode": "fit" if args.fit else "check", "floor": floor, "blend": blend,
-                         "stats": rows})
+        record = {"machine": machine(), "rows_file": os.path.basename(path), "bands": bands,
+                  "bench_summary": summary, "mode": "fit" if args.fit else "check",
+                  "per_band": [{"band": band, "floor": f, "blend": b}
+                               for band, (f, b) in coef.items()], "stats": rows}
+        if len(bands) == 1:  # one band: its pair at the top level, as the i band's record has
+            record["floor"], record["blend"] = coef[bands[0]]
+        write_json(out, record)
 
 if __name__ == "__main__":
     main()

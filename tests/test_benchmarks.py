@@ -161,6 +161,15 @@ def test_flux_error_model_is_the_calibration_on_record():
     rec = json.loads((BENCH / "results" / "flux_error_calibration.json").read_text())
     assert rec["mode"] == "fit"
     assert (FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend) == (rec["floor"], rec["blend"])
+    # the other bands' pairs, each fitted on its own pulls (--fit ROWS --band u,g,r,z,y)
+    rec = json.loads((BENCH / "results" / "flux_error_calibration_bands.json").read_text())
+    assert rec["mode"] == "fit"
+    assert FLUX_ERROR_MODEL.bands == tuple((r["band"], r["floor"], r["blend"])
+                                           for r in rec["per_band"])
+    # a band it does not name (the i band) takes the top-level pair
+    assert FLUX_ERROR_MODEL.coefficients("i") == (FLUX_ERROR_MODEL.floor, FLUX_ERROR_MODEL.blend)
+    for r in rec["per_band"]:
+        assert FLUX_ERROR_MODEL.coefficients(r["band"]) == (r["floor"], r["blend"])
 
 
 def test_compare_rows_is_a_paired_bootstrap_of_the_bins_medians():

@@ -432,7 +432,8 @@ def test_forward_model_measure_in_btk_pipeline():
     # The flux error model: each band's blendedness is BTK's formula (btkjax.metrics, numpy) on
     # the models (the deblended images of deblended="model"), and the flux error the Fisher
     # error, floor * F and blend * b * F in quadrature; flux_errors=None: the Fisher error.
-    fem = D.FluxErrorModel(floor=0.05, blend=0.5)
+    # A band the model names takes its own pair (r: 0.1, 0.2), the others floor and blend.
+    fem = D.FluxErrorModel(floor=0.05, blend=0.5, bands=(("r", 0.1, 0.2),))
     same = dict(max_sources=4, max_steps=60, detection="sep", split_sources=False,
                 merge_sources=False, start_hlr=None, model="exponential", ring_sources=0,
                 multi_start=False)
@@ -451,7 +452,8 @@ def test_forward_model_measure_in_btk_pipeline():
             n_blended += int(np.sum(want_b > 0.01))
             f, fisher = np.asarray(c[f"{band}_flux"]), np.asarray(c[f"{band}_flux_err_fisher"])
             got_b = np.asarray(c[f"{band}_blendedness"])
-            want = np.sqrt(fisher**2 + (0.05 * f) ** 2 + (0.5 * got_b * f) ** 2)
+            fl, bl = (0.1, 0.2) if band == "r" else (0.05, 0.5)
+            want = np.sqrt(fisher**2 + (fl * f) ** 2 + (bl * got_b * f) ** 2)
             np.testing.assert_allclose(c[f"{band}_flux_err"], want, rtol=F64_SAME_RTOL)
             np.testing.assert_array_equal(c3[f"{band}_flux_err"], c3[f"{band}_flux_err_fisher"])
     assert n_blended > 0  # the blend term was exercised
@@ -489,5 +491,10 @@ def test_forward_model_measure_in_btk_pipeline():
         D.ForwardModelMeasure(flux_errors=(0.1, 0.2))
     with pytest.raises(TypeError, match="FluxErrorModel.blend must be a number"):
         D.ForwardModelMeasure(flux_errors=D.FluxErrorModel(floor=0.1, blend="0.2"))
+    with pytest.raises(ValueError, match=r"FluxErrorModel.bands\['z'\].blend must be finite"):
+        D.ForwardModelMeasure(flux_errors=D.FluxErrorModel(0.1, 0.2, (("z", 0.1, -1.0),)))
+    for bad in ((("z", 0.1),), (("z", 0.1, 0.2), ("z", 0.1, 0.3)), ((3, 0.1, 0.2),)):
+        with pytest.raises(TypeError, match="FluxErrorModel.bands must hold"):
+            D.ForwardModelMeasure(flux_errors=D.FluxErrorModel(0.1, 0.2, bad))
     with pytest.raises(ValueError, match=r"models must be \[blend, slot, band, S, S\]"):
         D.model_blendedness(np.zeros((2, 3, 8, 8)))
