@@ -382,11 +382,10 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
         g = jax.tree.map(np.asarray, galaxies)
         axis = 0.5 * np.arctan2(g.g2, g.g1)[redo, slot]
         x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), added[redo].copy()
-        for r in range(len(redo)):
-            new = np.flatnonzero(~m2[r])[0]
-            x2[r, new] = np.clip(g.x[redo[r], slot[r]] + 0.25 * np.cos(axis[r]), 0, s - 1)
-            y2[r, new] = np.clip(g.y[redo[r], slot[r]] + 0.25 * np.sin(axis[r]), 0, s - 1)
-            m2[r, new] = a2[r, new] = True
+        rows, new = np.arange(len(redo)), np.argmax(~m2, axis=1)  # each blend's first free slot
+        x2[rows, new] = np.clip(g.x[redo, slot] + 0.25 * np.cos(axis), 0, s - 1)
+        y2[rows, new] = np.clip(g.y[redo, slot] + 0.25 * np.sin(axis), 0, s - 1)
+        m2[rows, new] = a2[rows, new] = True
         return x2, y2, m2, a2
 
     def add_peaks(peaks):
