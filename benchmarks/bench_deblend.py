@@ -270,6 +270,11 @@ def main(argv=None):
     ap.add_argument("--scarlet2-cache", default=None,
                     help="pickle of scarlet2's outputs and times per blend, reused when present "
                          "(its blends do not depend on the other methods)")
+    ap.add_argument("--scarlet2-from", default=None,
+                    help="a results JSON of an earlier run on the same --set, --n and --batch: "
+                         "scarlet2 is not run, its rows on the same blends (the first "
+                         "--scarlet2-per-batch of each batch) are taken from that file, after "
+                         "checking that SEP's rows on them are that file's (the same blends)")
     ap.add_argument("--only-scarlet2", action="store_true",
                     help="fill --scarlet2-cache and stop (no other method, no scoring)")
     ap.add_argument("--out", default=None)
@@ -286,21 +291,34 @@ def main(argv=None):
     fm_kwargs = {} if args.add_sources is None else {"add_sources": args.add_sources}
     fm_kwargs.update(_kwargs(args.fm))
     fm = ForwardModelMeasure(**fm_kwargs)
-    s2 = Scarlet2Measure() if args.scarlet2_per_batch > 0 else None
+    stored = None
+    if args.scarlet2_from:
+        with open(args.scarlet2_from) as fh:
+            stored = json.load(fh)
+        same = {k: stored["summary"].get(k) for k in ("set", "n_blends", "batch",
+                                                       "n_blends_scarlet2")}
+        want = {"set": args.set, "n_blends": per_seed * len(seeds), "batch": args.batch,
+                "n_blends_scarlet2": min(args.scarlet2_per_batch, args.batch) * len(seeds) *
+                -(-per_seed // args.batch)}
+        if same != want:
+            raise ValueError(f"--scarlet2-from {args.scarlet2_from!r} is of another run: "
+                             f"{same}, this run's {want}.")
+    s2 = Scarlet2Measure() if args.scarlet2_per_batch > 0 and stored is None else None
     methods = {"sep": sep_singleband_measure, "btkjax": fm}
     if args.variant:
         methods[args.variant_name] = ForwardModelMeasure(**{**fm_kwargs, **_kwargs(args.variant)})
     if args.only_scarlet2:
         methods = {}
     rows = {k: [] for k in methods}  # every blend
-    rows3 = {k: [] for k in (*methods, "scarlet2")}  # blends scarlet2 also ran on
-    nan = {k: 0 for k in rows3}
-    nan3 = {k: 0 for k in rows3}
-    wall = {k: 0.0 for k in rows3}
-    cpu = {k: 0.0 for k in rows3}
+    # blends scarlet2 also ran on
+    rows3 = {k: [] for k in (*methods, *(() if stored else ("scarlet2",)))}
+    nan = {k: 0 for k in (*rows3, "scarlet2")}
+    nan3 = {k: 0 for k in (*rows3, "scarlet2")}
+    wall = {k: 0.0 for k in (*rows3, "scarlet2")}
+    cpu = {k: 0.0 for k in (*rows3, "scarlet2")}
     compile_s = []
     compiled_batches = []
-    timed = {k: 0 for k in rows3}  # blends whose time is in wall / cpu
+    timed = {k: 0 for k in (*rows3, "scarlet2")}  # blends whose time is in wall / cpu
     s2_cache = {}
     if args.scarlet2_cache and os.path.exists(args.scarlet2_cache):
         with open(args.scarlet2_cache, "rb") as fh:
@@ -321,7 +339,7 @@ def main(argv=None):
             dtype = str(np.asarray(batch["blend_images"]).dtype)
             nb = min(args.batch, per_seed - done)
             idx = list(range(nb))
-            k3 = min(args.scarlet2_per_batch, nb) if s2 is not None else 0
+            k3 = min(args.scarlet2_per_batch, nb) if (s2 is not None or stored) else 0
             results = {}
             for name, f in methods.items():
                 outs, w, c, comp = run_method(f, batch, idx, survey)
@@ -336,7 +354,7 @@ def main(argv=None):
                 wall[name] += w
                 cpu[name] += c
                 timed[name] += nb
-            if k3:
+            if k3 and stored is None:
                 key = (s_seed, d_seed, args.batch, done, k3)
                 if key not in s2_cache:
                     s2_cache[key] = run_method(s2, batch, idx[:k3], survey)[:3]
@@ -380,17 +398,35 @@ def main(argv=None):
     for name in rows:
         table_all += summarize(name, rows[name], nan[name], wall[name], cpu[name], timed[name])
     table3 = []
+    mismatch = None
     if n3:
         for name in rows3:
             table3 += summarize(name, rows3[name], nan3[name], wall[name], cpu[name],
                                 timed[name])
+        if stored:  # scarlet2's rows of the earlier run, on the same blends (SEP's say so)
+            old3 = stored["same_blends_with_scarlet2"]
+            for row in old3:
+                if row["method"] != "sep" or row["blendedness"].startswith("all, matched"):
+                    continue
+                new = next(r for r in table3 if r["method"] == "sep" and
+                           r["blendedness"] == row["blendedness"])
+                for k in ("n_true", "n_matched", "dflux_median", "mse_median"):
+                    if not np.isclose(new[k], row[k], rtol=1e-9, equal_nan=True):
+                        mismatch = (f"--scarlet2-from: SEP's {k} in bin {row['blendedness']!r} "
+                                    f"is {new[k]} here and {row[k]} there: not the same blends "
+                                    f"(results written without scarlet2's rows).")
+            if mismatch is None:
+                table3 += [dict(r, method="scarlet2", note="from " + args.scarlet2_from)
+                           for r in old3 if r["method"] == "scarlet2" and
+                           not r["blendedness"].startswith("all, matched")]
         # like for like: the galaxies every method matched (rows3 lists the same galaxies in
         # the same order for every method)
         both = np.all([[r["matched"] for r in rows3[k]] for k in rows3], axis=0)
         for name in rows3:
             sel = np.flatnonzero(both)
             table3.append({
-                "method": name, "blendedness": "all, matched by every method",
+                "method": name, "blendedness": "all, matched by every method" + (
+                    " run here" if stored else ""),
                 "n_true": int(len(both)), "n_matched": int(both.sum()),
                 "dflux_median": _median([rows3[name][i]["dflux"] for i in sel]),
                 "dflux_median_68": bootstrap_median([rows3[name][i]["dflux"] for i in sel],
@@ -414,6 +450,7 @@ def main(argv=None):
         "match_px": MATCH_PX, "band": "i", "btkjax_compile_s": compile_s,
         "btkjax_compiled_batches": compiled_batches,
         "btkjax_add_sources": fm.add_sources, "btkjax_kwargs": fm_kwargs,
+        "scarlet2_from": args.scarlet2_from, "scarlet2_from_mismatch": mismatch,
         "scarlet2_init_labels": [str(lab) for v in s2_cache.values() for o in v[0]
                                  for lab in o["catalog"]["init"]],
         "wall_s": time.perf_counter() - t_start,
@@ -424,6 +461,8 @@ def main(argv=None):
                           "same_blends_with_scarlet2": table3})
     if args.rows_out:
         write_json(args.rows_out, {"summary": summary, "rows": rows})
+    if mismatch:
+        raise SystemExit(mismatch)
 
 
 if __name__ == "__main__":

@@ -413,12 +413,10 @@ def _generate(args) -> int:
 
 
 def _write_json_atomic(path, obj):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    from btkjax.utils import atomic_file
+
+    with atomic_file(path, "w") as f:
         json.dump(obj, f, indent=2, default=repr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _add_generate_parser(sub):

@@ -129,20 +129,16 @@ def package_versions() -> dict:
 
 
 @contextlib.contextmanager
-def _atomic_h5(final_path: str):
-    """Yields an open h5py File on a temporary name; on success renames it to `final_path`.
-
-    The temporary file lives in the same folder (so that the rename is atomic), is flushed and
-    fsynced before the rename, and is removed if anything fails before the rename.
-    """
+def atomic_path(final_path: str, what: str = "path"):
+    """Yields a temporary file name in ``final_path``'s folder for the caller to write; on
+    success the file is fsynced and renamed to ``final_path`` (and the rename made durable); if
+    anything fails before the rename the temporary file is removed and nothing is written."""
     folder = os.path.dirname(os.path.abspath(final_path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"save_path {folder!r} is not an existing folder.")
+        raise FileNotFoundError(f"{what} {folder!r} is not an existing folder.")
     tmp = os.path.join(folder, f".{os.path.basename(final_path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            yield f
-            f.flush()
+        yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -159,6 +155,23 @@ def _atomic_h5(final_path: str):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_file(final_path: str, mode: str = "wb"):
+    """Yields a file opened with ``mode`` that becomes ``final_path`` atomically
+    (`atomic_path`)."""
+    with atomic_path(final_path) as tmp, open(tmp, mode) as fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def _atomic_h5(final_path: str):
+    """Yields an open h5py File that becomes `final_path` atomically (`atomic_path`)."""
+    with atomic_path(final_path, "save_path") as tmp:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            yield f
+            f.flush()
 
 
 def _write_header(f, stage: str, batch_index: int, config, extra: dict | None = None):

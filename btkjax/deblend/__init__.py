@@ -106,6 +106,9 @@ Modules (each public name is importable from ``btkjax.deblend``):
 - `btkjax.deblend.errors`: `fisher_errors`;
 - `btkjax.deblend.residual`: `residual_peaks`, `asymmetry_peaks`, `mirror`, the split and
   merge candidates;
+- `btkjax.deblend.detector`: the learned detector (`Detector`, `load_detector`, `detect`,
+  `heatmap`, `heatmap_peaks`, the training loss `focal_loss` and its `target`), trained by
+  ``benchmarks/train_detector.py``;
 - `btkjax.deblend.pipeline`: `pad_detections`, `fit_blends`, `ring_threshold`, `check_penalty`;
 - `btkjax.deblend.measure`: `ForwardModelMeasure`, `crop_size`, `crop_sizes`, `crop_origins`;
 - `btkjax.deblend.scarlet`: `Scarlet2Measure` (imports scarlet2 only when called);
@@ -137,6 +140,17 @@ For example, the mean of a log-normal prior on the half-light radius::
 
 
 from btkjax.deblend.chunks import apply_chunked, default_chunk
+from btkjax.deblend.detector import (
+    DETECTOR_FILE,
+    Detector,
+    detect,
+    focal_loss,
+    heatmap,
+    heatmap_peaks,
+    load_detector,
+    save_detector,
+    target,
+)
 from btkjax.deblend.errors import FisherErrors, fisher_errors
 from btkjax.deblend.fit import FitOutput, fit, fit_unrolled
 from btkjax.deblend.init import init_galaxies
@@ -255,4 +269,6 @@ __all__ = [
     "Scarlet2Measure",
     "odd_psf_images",
     "trace_count",
+    "Detector", "DETECTOR_FILE", "detect", "focal_loss", "heatmap", "heatmap_peaks",
+    "load_detector", "save_detector", "target",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -13,6 +14,7 @@ from astropy.table import Table
 
 from btkjax.catalog import CatsimCatalog
 from btkjax.core.step import blendedness
+from btkjax.deblend.detector import Detector, check_detector_inputs, detect, load_detector
 from btkjax.deblend.model import (
     MODELS,
     STATUS_TOO_MANY,
@@ -29,7 +31,7 @@ from btkjax.survey import get_mean_sky_level
 
 __all__ = ["coadd_detections", "crop_origins", "crop_size", "crop_sizes", "ForwardModelMeasure",
            "COADD_SEP_KWARGS", "SERSIC_INDEX_PRIOR", "BULGE_DISK_PRIOR", "FluxErrorModel",
-           "FLUX_ERROR_MODEL", "model_blendedness", "join_concentric"]
+           "FLUX_ERROR_MODEL", "model_blendedness", "join_concentric", "DETECTIONS"]
 
 # The default prior of model="sersic": n ~ N(1, 0.5), a disk unless the data say otherwise
 # (width chosen on the tuning seeds of benchmarks/bench_deblend.py among 0.3, 0.5, 0.7, 1, inf)
@@ -104,6 +106,9 @@ def model_blendedness(models):
     b = blendedness(jnp.swapaxes(jnp.asarray(models), 1, 2))  # [blend, band, slot]
     return np.asarray(jnp.swapaxes(b, 1, 2))
 
+
+# ForwardModelMeasure's detections (see its ``detection``)
+DETECTIONS = ("sep", "coadd", "network", "truth")
 
 # SEP's settings of the default coadd detection: finer deblending than SEP's default (0.005),
 # the over-split pieces it makes are merged back by the fit's model comparison (chosen on the
@@ -289,10 +294,16 @@ class ForwardModelMeasure:
         sep_kwargs: keyword arguments of the detection (`sep_singleband_measure`, or
             `coadd_detections` for ``detection="coadd"``).
         detection: "sep" (SEP on the i band, `sep_singleband_measure`: the detections SEP and
-            scarlet2 get), "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`), or
+            scarlet2 get), "coadd" (SEP on the multi-band S/N coadd, `coadd_detections`),
+            "network" (the learned detector ``detector``, `btkjax.deblend.detector`), or
             "truth" (the true centres, ``x_peak`` and ``y_peak`` of the batch's
             ``blend_list``, as BTK's scarlet tutorial gave scarlet: what the deblender does
             when detection is not the limit, a diagnostic).
+        detector: the `Detector` of ``detection="network"``, a path to one
+            (`load_detector`), or None (the shipped LSST detector, trained by
+            ``benchmarks/train_detector.py``); its bands and pixel scale must be the images'.
+        detection_threshold: the heat of a network detection (default the detector's own,
+            chosen on its calibration blends).
         prior: "auto" (the default: `SERSIC_INDEX_PRIOR` on the index for model="sersic",
             `BULGE_DISK_PRIOR` on the bulge for model="bulge+disk",
             nothing else), None (none), a `Prior`, or "catalog": `catalog_prior` of the
@@ -344,10 +355,27 @@ class ForwardModelMeasure:
                  merge_sources: bool = True, move_sources: bool = True,
                  start_hlr: float | None = 0.1,
                  flux_errors: FluxErrorModel | None = FLUX_ERROR_MODEL,
-                 colour_width: float | None = None, **fit_kwargs):
-        if detection not in ("sep", "coadd", "truth"):
-            raise ValueError(f"detection must be 'sep', 'coadd' or 'truth', got {detection!r}.")
+                 colour_width: float | None = None, detector=None,
+                 detection_threshold: float | None = None, **fit_kwargs):
+        if detection not in DETECTIONS:
+            raise ValueError(f"detection must be one of {DETECTIONS}, got {detection!r}.")
         self.detection = detection
+        if not (detector is None or isinstance(detector, Detector | str | os.PathLike)):
+            raise TypeError(f"detector must be None, a btkjax.deblend.Detector or a path, got "
+                            f"{detector!r}.")
+        if detection == "network" and not isinstance(detector, Detector):
+            detector = load_detector(None if detector is None else os.fspath(detector))
+        if detection_threshold is not None:
+            if detection != "network":
+                raise ValueError(f"detection_threshold is the network's; detection is "
+                                 f"{detection!r}.")
+            if isinstance(detection_threshold, bool) or not isinstance(
+                    detection_threshold, int | float | np.floating) or not (
+                    0 < detection_threshold < 1):
+                raise ValueError(f"detection_threshold must be None or a heat in (0, 1), got "
+                                 f"{detection_threshold!r}.")
+            detector = detector._replace(threshold=float(detection_threshold))
+        self.detector = detector
         if not (prior is None or isinstance(prior, Prior) or
                 (isinstance(prior, str) and prior in ("auto", "catalog"))):
             raise ValueError(f"prior must be None, 'auto', 'catalog' or a btkjax.deblend.Prior, "
@@ -519,8 +547,14 @@ class ForwardModelMeasure:
             dtype = np.dtype(np.float64)  # see fit_blends: optax's L-BFGS under x64
         s = images.shape[-1]
         detections, det_flux = [], []
+        if self.detection == "network":  # the whole batch in one call
+            check_detector_inputs(self.detector, bands, pixel_scale)
+            nx, ny, _, nmask = detect(self.detector, images, sky, max_peaks=2 * self.max_sources)
         for i in range(images.shape[0]):
-            if self.detection == "truth":
+            if self.detection == "network":
+                cat = Table({"x_peak": nx[i][nmask[i]].astype(float),
+                             "y_peak": ny[i][nmask[i]].astype(float)})
+            elif self.detection == "truth":
                 truth = batch["blend_list"]
                 if multires:  # one blend list per survey
                     truth = truth[survey_name or surveys[0].name]
