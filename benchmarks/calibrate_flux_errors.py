@@ -2,7 +2,7 @@
 
     python benchmarks/bench_deblend.py --set tune --n 100 --scarlet2-per-batch 0 --variant '' \
         --rows-out tune_rows.json
-    python benchmarks/calibrate_flux_errors.py --fit tune_rows.json
+    python benchmarks/calibrate_flux_errors.py --fit tune_rows.json [tune2_rows.json ...]
     python benchmarks/bench_deblend.py --set report ... --rows-out report_rows.json
     python benchmarks/calibrate_flux_errors.py --check report_rows.json
 
@@ -52,11 +52,18 @@ BLENDS = np.arange(0.0, 3.0, 0.01)
 
 
 def load(path, method="btkjax", band="i"):
-    """Arrays of the matched galaxies with finite values in bench rows ``path``: the i band's
-    columns (binned by the i band's true blendedness), or with ``band`` another band's
-    (``bands`` of each row; binned by that band's true blendedness)."""
-    with open(path) as fh:
-        rows = json.load(fh)["rows"][method]
+    """Arrays of the matched galaxies with finite values in bench rows ``path`` (a file, or a
+    list of files whose rows are concatenated): the i band's columns (binned by the i band's
+    true blendedness), or with ``band`` another band's (``bands`` of each row; binned by that
+    band's true blendedness). ``method``: the rows' method (bench_deblend.py's name)."""
+    rows = []
+    for one in [path] if isinstance(path, str | os.PathLike) else path:
+        with open(one) as fh:
+            by_method = json.load(fh)["rows"]
+        if method not in by_method:
+            raise ValueError(f"{one} has no rows of method {method!r}; it has "
+                             f"{sorted(by_method)}.")
+        rows += by_method[method]
     if band == "i":
         rows = [r for r in rows if r["matched"] and "i_flux_err_fisher" in r]
         get = lambda k: np.array([r[k] for r in rows], float)  # noqa: E731
@@ -123,8 +130,9 @@ def fit(d, floors=FLOORS, blends=BLENDS):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--fit", metavar="ROWS")
-    what.add_argument("--check", metavar="ROWS")
+    what.add_argument("--fit", metavar="ROWS", nargs="+", help="rows files (concatenated)")
+    what.add_argument("--check", metavar="ROWS", nargs="+", help="rows files (concatenated)")
+    ap.add_argument("--method", default="btkjax", help="the rows' method (default btkjax)")
     ap.add_argument("--model", default=None, help="floor,blend to check (default btkjax's)")
     ap.add_argument("--band", default="i",
                     help="the band whose pulls are fitted or checked, or a comma list (e.g. "
@@ -134,7 +142,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     path = args.fit or args.check
     bands = args.band.split(",")
-    data = {band: load(path, band=band) for band in bands}
+    data = {band: load(path, method=args.method, band=band) for band in bands}
     if args.fit:
         coef = {band: fit(data[band]) for band in bands}
     elif args.model:
@@ -148,17 +156,22 @@ def main(argv=None):
         rows += ([{"band": band, "errors": "fisher", **s} for s in stats(data[band], 0.0, 0.0)] +
                  [{"band": band, "errors": f"floor {floor:g}, blend {blend:g}", **s}
                   for s in stats(data[band], floor, blend)])
-    print(f"{'fitted on' if args.fit else 'checked on'} {path}: " +
+    print(f"{'fitted on' if args.fit else 'checked on'} {' '.join(path)} ({args.method}): " +
           ", ".join(f"{band} floor={f:g}, blend={b:g}" for band, (f, b) in coef.items()))
     print(table(rows, ["band", "errors", "blendedness", "n", "width", "median", "within_1",
                        "within_2", "abs_q68", "abs_q95"]))
     out = args.out or (os.path.join(os.path.dirname(__file__), "results",
                                     "flux_error_calibration.json") if args.fit else None)
     if out:
-        with open(path) as fh:
-            summary = json.load(fh)["summary"]
-        record = {"machine": machine(), "rows_file": os.path.basename(path), "bands": bands,
-                  "bench_summary": summary, "mode": "fit" if args.fit else "check",
+        summaries = []
+        for one in path:
+            with open(one) as fh:
+                summaries.append(json.load(fh)["summary"])
+        record = {"machine": machine(),
+                  "rows_file": os.path.basename(path[0]) if len(path) == 1 else
+                  [os.path.basename(p) for p in path], "method": args.method, "bands": bands,
+                  "bench_summary": summaries[0] if len(path) == 1 else summaries,
+                  "mode": "fit" if args.fit else "check",
                   "per_band": [{"band": band, "floor": f, "blend": b}
                                for band, (f, b) in coef.items()], "stats": rows}
         if len(bands) == 1:  # one band: its pair at the top level, as the i band's record has

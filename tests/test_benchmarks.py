@@ -154,6 +154,16 @@ def test_calibration_rows_with_nan_are_left_out_and_empty_bins_refused(tmp_path,
     low = {k: v[got["true_b"] >= 0.1] for k, v in got.items()}
     with pytest.raises(ValueError, match="No matched galaxy in the blendedness bin < 0.1"):
         cal.stats(low, 0.0, 0.0)
+    # two files (the two tuning sets): their rows concatenated, each file's NaN left out; a
+    # method the rows do not have is refused by name
+    path2 = tmp_path / "rows2.json"
+    path2.write_text(json.dumps({"summary": {}, "rows": {"other": rows[:10], "btkjax": rows}}))
+    both = cal.load([path, path2])
+    assert len(both["diff"]) == 2 * 599
+    np.testing.assert_array_equal(both["diff"], np.concatenate([got["diff"], got["diff"]]))
+    assert len(cal.load(path2, method="other")["diff"]) == 9
+    with pytest.raises(ValueError, match=r"has no rows of method 'btkjax_net'; it has \['btkjax'\]"):
+        cal.load(path, method="btkjax_net")
 
 
 def test_flux_error_model_is_the_calibration_on_record():

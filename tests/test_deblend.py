@@ -471,7 +471,8 @@ def test_forward_model_measure_in_btk_pipeline():
         d = np.hypot(np.asarray(truth["x_peak"]) - c["x_peak"][k],
                      np.asarray(truth["y_peak"]) - c["y_peak"][k])
         assert d.min() < 1.0
-    with pytest.raises(ValueError, match="'sep', 'coadd' or 'truth'"):
+    with pytest.raises(ValueError, match=r"detection must be one of \('auto', 'network', 'coadd', "
+                                         r"'sep', 'truth'\), got 'peaks'"):
         D.ForwardModelMeasure(detection="peaks")
     for bad in (-1.0, float("nan"), "1", True):
         with pytest.raises(ValueError, match="join_pixels must be None or a finite number"):

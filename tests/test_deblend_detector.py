@@ -150,6 +150,18 @@ def test_bad_input_is_refused():
     assert fm.detector.threshold == 0.25 and fm.detector.bands == det.bands
 
 
+def test_auto_detection_is_the_network_where_it_was_trained():
+    """detection="auto": the network on LSST's bands at 0.2", the coadd elsewhere (HSC's five
+    bands, or LSST's bands at another pixel scale); explicit choices are kept."""
+    fm = ForwardModelMeasure(detection="auto")
+    lsst = btkjax.survey.get_surveys("LSST")
+    hsc = btkjax.survey.get_surveys("HSC")
+    assert fm.resolve_detection(list(lsst.available_filters), 0.2) == "network"
+    assert fm.resolve_detection(list(hsc.available_filters), 0.168) == "coadd"
+    assert fm.resolve_detection(list(lsst.available_filters), 0.1) == "coadd"
+    assert ForwardModelMeasure(detection="sep").resolve_detection(list("ugrizy"), 0.2) == "sep"
+
+
 def test_network_detection_refuses_other_bands():
     """The shipped detector takes LSST's six bands at 0.2": HSC's five are refused by name."""
     survey = btkjax.survey.get_surveys("HSC")
