@@ -1,4 +1,6 @@
-"""Detection alone, per blendedness bin: SEP (i band), SEP on the coadd, the learned detector.
+"""Detection alone, per blendedness bin: SEP (i band), SEP on the coadd, the learned detector
+(``network``: at its own threshold, its best F1 on its calibration blends; ``network_deblend``:
+at `btkjax.deblend.NETWORK_DEBLEND_THRESHOLD`, where `ForwardModelMeasure`'s fit starts).
 
     python benchmarks/bench_detection.py [--set report] [--n 200] [--batch 50]
 
@@ -27,7 +29,13 @@ from _common import machine, table, write_json  # noqa: E402
 from bench_deblend import BAND, BINS, MATCH_PX, SEEDS, blendedness  # noqa: E402
 
 import btkjax  # noqa: E402
-from btkjax.deblend import COADD_SEP_KWARGS, coadd_detections, detect, load_detector  # noqa: E402
+from btkjax.deblend import (  # noqa: E402
+    COADD_SEP_KWARGS,
+    NETWORK_DEBLEND_THRESHOLD,
+    coadd_detections,
+    detect,
+    load_detector,
+)
 from btkjax.measure import sep_singleband_measure  # noqa: E402
 
 RADII = (3.0, MATCH_PX)
@@ -58,7 +66,7 @@ def main(argv=None):
                     for b in survey.available_filters])
     det = load_detector()
     per_seed = max(1, args.n // len(SEEDS[args.set]))
-    rows = {k: [] for k in ("sep", "coadd", "network")}
+    rows = {k: [] for k in ("sep", "coadd", "network", "network_deblend")}
     spurious = {k: {r: 0 for r in RADII} for k in rows}
     n_det = {k: 0 for k in rows}
     seconds = {k: 0.0 for k in rows}
@@ -80,6 +88,9 @@ def main(argv=None):
             t0 = time.perf_counter()
             x, y, _, mask = detect(det, images, sky)
             seconds["network"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            x2, y2, _, mask2 = detect(det, images, sky, threshold=NETWORK_DEBLEND_THRESHOLD)
+            seconds["network_deblend"] += time.perf_counter() - t0
             for i in range(nb):
                 truth = batch["blend_list"][i]
                 tx, ty = np.asarray(truth["x_peak"], float), np.asarray(truth["y_peak"], float)
@@ -94,7 +105,8 @@ def main(argv=None):
                                                                               float)),
                          "coadd": (np.asarray(cat2["x_peak"], float),
                                    np.asarray(cat2["y_peak"], float)),
-                         "network": (x[i][mask[i]], y[i][mask[i]])}
+                         "network": (x[i][mask[i]], y[i][mask[i]]),
+                         "network_deblend": (x2[i][mask2[i]], y2[i][mask2[i]])}
                 for k, (dx, dy) in found.items():
                     n_det[k] += len(dx)
                     m = {r: matched(tx, ty, dx, dy, r) for r in RADII}
@@ -121,7 +133,8 @@ def main(argv=None):
             "unmatched_3px", "unmatched_5px", "ms_per_blend"]
     print(table(out, cols))
     write_json(out_path, {"machine": machine(), "set": args.set, "seeds": SEEDS[args.set],
-                          "n_blends": n_blends, "threshold": det.threshold, "rows": out})
+                          "n_blends": n_blends, "threshold": det.threshold,
+                          "deblend_threshold": NETWORK_DEBLEND_THRESHOLD, "rows": out})
 
 
 if __name__ == "__main__":

@@ -162,6 +162,23 @@ def test_auto_detection_is_the_network_where_it_was_trained():
     assert ForwardModelMeasure(detection="sep").resolve_detection(list("ugrizy"), 0.2) == "sep"
 
 
+def test_default_is_the_network_at_the_deblenders_threshold(tmp_path):
+    """ForwardModelMeasure() detects with "auto", the shipped detector at
+    NETWORK_DEBLEND_THRESHOLD (not the detector's own F1 threshold); a detector given by path
+    keeps its own threshold unless one is asked for; "coadd" loads no detector."""
+    from btkjax.deblend import NETWORK_DEBLEND_THRESHOLD
+    shipped = load_detector()
+    fm = ForwardModelMeasure()
+    assert fm.detection == "auto"
+    assert fm.detector.threshold == NETWORK_DEBLEND_THRESHOLD != shipped.threshold
+    assert fm.resolve_detection(list("ugrizy"), 0.2) == "network"
+    path = tmp_path / "own.npz"
+    save_detector(str(path), shipped._replace(threshold=0.35))
+    assert ForwardModelMeasure(detector=path).detector.threshold == 0.35
+    assert ForwardModelMeasure(detector=path, detection_threshold=0.6).detector.threshold == 0.6
+    assert ForwardModelMeasure(detection="coadd").detector is None
+
+
 def test_network_detection_refuses_other_bands():
     """The shipped detector takes LSST's six bands at 0.2": HSC's five are refused by name."""
     survey = btkjax.survey.get_surveys("HSC")
