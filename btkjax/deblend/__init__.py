@@ -84,8 +84,13 @@ antisymmetric part of that galaxy's light about its fitted centre (`asymmetry_pe
 Galaxies merged into one detection (``split_sources``, `split_candidates`): a single profile
 fitted to two merged galaxies leaves an excess of residual chi-square near it rather than a peak;
 the galaxy with the largest excess is replaced by two on its major axis and the blend fitted
-again, kept by the same criterion. `ForwardModelMeasure(detection="coadd")` detects on the
-SED-weighted multi-band coadd (`coadd_detections`) instead of SEP's i band.
+again, kept by the same criterion.
+
+Where the fit starts (`ForwardModelMeasure`'s ``detection``): by default ("auto") the learned
+detector (`detector`: a dilated CNN trained with the simulation step, its heatmap's peaks at
+`NETWORK_DEBLEND_THRESHOLD`) on images of its bands and pixel scale (LSST's), and SEP on the
+SED-weighted multi-band coadd (`coadd_detections`, ``detection="coadd"``) elsewhere; "sep" is
+SEP's i band.
 
 Pure functions and the high-level path:
 
