@@ -209,3 +209,16 @@ def test_compare_rows_is_a_paired_bootstrap_of_the_bins_medians():
     assert out["> 0.5"]["median_a"] == pytest.approx(float(np.median(heavy)), rel=F64_SAME_RTOL)
     with pytest.raises(ValueError, match="not of the same blends"):
         compare_rows.paired(rows_a, rows_b[:-1])
+
+
+def test_tuning_and_reporting_seeds_are_disjoint():
+    """No seed of one of bench_deblend.py's sets (tuning or reporting) is another set's, nor
+    the project's other benchmarks' (sampler 1, draw 2), so no reporting blend was tuned on."""
+    sets = {name: {s for pair in pairs for s in pair}
+            for name, pairs in bench_deblend.SEEDS.items()}
+    assert {"tune", "tune2", "report", "report2"} <= set(sets)
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        assert not sets[a] & {1, 2}, a
+        for b in names[i + 1:]:
+            assert not sets[a] & sets[b], (a, b, sets[a] & sets[b])
