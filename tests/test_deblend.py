@@ -134,6 +134,37 @@ def test_missed_galaxy_is_added_from_the_residual(setup):
             D.fit_blends(image, det1, psf_k, spec, SKY, add_sources=1, penalty=bad, **same)
 
 
+def test_candidates_are_kept_only_when_the_likelihood_says_so(setup):
+    """fit_blends(candidates=): a weak detection is tried in a free slot after the first fit.
+    At the hidden galaxy of a noiseless pair it is kept and the pair fitted to the noiseless
+    bar; beside a lone galaxy (no light left to take) it is not, and the fit is the one
+    without candidates; one outside the stamp is not tried; malformed candidates are
+    refused."""
+    spec, psf_k = setup
+    pair = _pair(scale=10.0)
+    mask = jnp.ones((1, 2), bool)
+    image = D.model_images(pair, mask, psf_k, spec).sum(axis=1)
+    x, y, _ = _detections(pair)
+    det = (x, y, np.array([[True, False]]))
+    same = dict(rtol=1e-13, errors=False)
+    plain = D.fit_blends(image, det, psf_k, spec, SKY, **same)
+    hit = D.fit_blends(image, det, psf_k, spec, SKY, candidates=(
+        np.array([[x[0, 1]]]), np.array([[y[0, 1]]]), np.array([[True]])), **same)
+    assert np.asarray(hit.added).tolist() == [[False, True]]
+    assert max(_rel_errors(hit.galaxies, pair).values()) < DEBLEND_NOISELESS_RTOL
+    alone = jax.tree.map(lambda a: a[:, :1], pair)
+    image = D.model_images(alone, mask[:, :1], psf_k, spec).sum(axis=1)
+    plain = D.fit_blends(image, det, psf_k, spec, SKY, **same)
+    for cx, cy in ((x[0, 1], y[0, 1]), (-5.0, 3.0)):  # beside it; outside the stamp
+        miss = D.fit_blends(image, det, psf_k, spec, SKY, candidates=(
+            np.array([[cx]]), np.array([[cy]]), np.array([[True]])), **same)
+        assert np.asarray(miss.mask).tolist() == [[True, False]]
+        np.testing.assert_array_equal(np.asarray(miss.galaxies.flux), np.asarray(
+            plain.galaxies.flux))
+    with pytest.raises(ValueError, match="candidates"):
+        D.fit_blends(image, det, psf_k, spec, SKY, candidates=(np.zeros((2, 1)),) * 3, **same)
+
+
 def test_pulls_match_cramer_rao(setup):
     """120 Poisson realizations of an isolated galaxy (in a 2-slot blend, one slot empty):
     pulls ~ N(0, 1), and the fit's own Fisher errors are the Cramer-Rao bound."""

@@ -148,6 +148,13 @@ def test_bad_input_is_refused():
         ForwardModelMeasure(detection="coadd", detection_threshold=0.3)
     fm = ForwardModelMeasure(detection="network", detection_threshold=0.25)
     assert fm.detector.threshold == 0.25 and fm.detector.bands == det.bands
+    # candidates are the peaks below the detection threshold
+    for bad in (0.45, 0.5, 0.0, True):
+        with pytest.raises(ValueError, match="candidate_threshold must be None or a heat"):
+            ForwardModelMeasure(candidate_threshold=bad)
+    with pytest.raises(ValueError, match="candidate_threshold is the network's"):
+        ForwardModelMeasure(detection="coadd", candidate_threshold=0.3)
+    assert ForwardModelMeasure(candidate_threshold=0.3).candidate_threshold == 0.3
 
 
 def test_auto_detection_is_the_network_where_it_was_trained():

@@ -316,6 +316,10 @@ class ForwardModelMeasure:
         detector: the `Detector` of ``detection="network"`` or "auto", a path to one
             (`load_detector`), or None (the shipped LSST detector, trained by
             ``benchmarks/train_detector.py``); its bands and pixel scale must be the images'.
+        candidate_threshold: None, or a heat below ``detection_threshold``: the network's
+            peaks between the two are not detections but candidates, each tried in the fit
+            (`fit_blends`'s ``candidates``: kept when the likelihood says so, by ``penalty``).
+            An experiment (session 9), not the default.
         detection_threshold: the heat of a network detection (default: 0.45,
             `NETWORK_DEBLEND_THRESHOLD`, for the shipped detector, chosen for the deblender on
             the tuning blends; a given detector's own threshold otherwise).
@@ -374,7 +378,8 @@ class ForwardModelMeasure:
                  start_hlr: float | None = 0.1,
                  flux_errors: FluxErrorModel | None = FLUX_ERROR_MODEL,
                  colour_width: float | None = None, detector=None,
-                 detection_threshold: float | None = None, **fit_kwargs):
+                 detection_threshold: float | None = None,
+                 candidate_threshold: float | None = None, **fit_kwargs):
         if detection not in DETECTIONS:
             raise ValueError(f"detection must be one of {DETECTIONS}, got {detection!r}.")
         self.detection = detection
@@ -396,6 +401,17 @@ class ForwardModelMeasure:
                                  f"{detection_threshold!r}.")
             detector = detector._replace(threshold=float(detection_threshold))
         self.detector = detector
+        if candidate_threshold is not None:
+            if detection not in ("network", "auto"):
+                raise ValueError(f"candidate_threshold is the network's; detection is "
+                                 f"{detection!r}.")
+            if isinstance(candidate_threshold, bool) or not isinstance(
+                    candidate_threshold, int | float | np.floating) or not (
+                    0 < candidate_threshold < detector.threshold):
+                raise ValueError(f"candidate_threshold must be None or a heat in (0, "
+                                 f"{detector.threshold}) (below the detection threshold), got "
+                                 f"{candidate_threshold!r}.")
+        self.candidate_threshold = candidate_threshold
         if not (prior is None or isinstance(prior, Prior) or
                 (isinstance(prior, str) and prior in ("auto", "catalog"))):
             raise ValueError(f"prior must be None, 'auto', 'catalog' or a btkjax.deblend.Prior, "
@@ -578,7 +594,7 @@ class ForwardModelMeasure:
         if dtype == np.float32 and jax.config.jax_enable_x64:
             dtype = np.dtype(np.float64)  # see fit_blends: optax's L-BFGS under x64
         s = images.shape[-1]
-        detections, det_flux = [], []
+        detections, det_flux, cands = [], [], []
         detection = self.resolve_detection(bands, pixel_scale)
         self.last_detection = detection
         if detection == "network":
@@ -588,10 +604,14 @@ class ForwardModelMeasure:
                 # one blend per call: the same program for every blend, so its detections are
                 # bit for bit the same in any batch (a batched convolution may block its sums
                 # differently with the batch size)
-                nx, ny, _, nmask = detect(self.detector, images[i:i + 1], sky,
-                                          max_peaks=2 * self.max_sources)
-                cat = Table({"x_peak": nx[0][nmask[0]].astype(float),
-                             "y_peak": ny[0][nmask[0]].astype(float)})
+                nx, ny, heat, nmask = detect(
+                    self.detector, images[i:i + 1], sky, max_peaks=2 * self.max_sources,
+                    threshold=self.candidate_threshold)
+                strong = nmask[0] & (heat[0] > self.detector.threshold)
+                weak = nmask[0] & ~strong
+                cat = Table({"x_peak": nx[0][strong].astype(float),
+                             "y_peak": ny[0][strong].astype(float)})
+                cands.append((nx[0][weak].astype(float), ny[0][weak].astype(float)))
             elif detection == "truth":
                 truth = batch["blend_list"]
                 if multires:  # one blend list per survey
@@ -608,6 +628,14 @@ class ForwardModelMeasure:
             yi = np.clip(np.round(np.asarray(cat["y_peak"])).astype(int), 0, s - 1)
             det_flux.append((images[i] / sky[:, None, None]).sum(0)[yi, xi])
         x, y, mask, too_many = pad_detections(detections, self.max_sources, det_flux)
+        candidates = None
+        if cands and max(len(c[0]) for c in cands):  # the network's weak peaks, strongest first
+            kc = max(len(c[0]) for c in cands)
+            cx, cy = np.zeros((len(cands), kc)), np.zeros((len(cands), kc))
+            cm = np.zeros((len(cands), kc), bool)
+            for b, (px, py) in enumerate(cands):
+                cx[b, :len(px)], cy[b, :len(px)], cm[b, :len(px)] = px, py, True
+            candidates = (cx, cy, cm)
         if self.fit_pixels is None:
             sizes = np.full(len(images), s)
         elif self.fit_pixels == "auto":  # each blend's own window: no blend sees the batch
@@ -629,7 +657,11 @@ class ForwardModelMeasure:
                              spec, sky, errors=self.errors, add_sources=self.add_sources,
                              asymmetry_sources=self.asymmetry_sources,
                              ring_sources=self.ring_sources, multi_start=self.multi_start,
-                             penalty=self.penalty, prior=prior, **self.fit_kwargs)
+                             penalty=self.penalty, prior=prior,
+                             candidates=None if candidates is None else (
+                                 candidates[0][sel] - ox[:, None],
+                                 candidates[1][sel] - oy[:, None], candidates[2][sel]),
+                             **self.fit_kwargs)
             gal = jax.tree.map(np.asarray, res.galaxies)
             gal = gal._replace(x=gal.x + ox[:, None], y=gal.y + oy[:, None])
             parts.append((sel, {

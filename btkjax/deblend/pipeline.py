@@ -109,7 +109,7 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
                ring_sources: int = 0, ring_radius: float = 3.0,
                ring_penalty: float | str = "bic", penalty: float | str = "aic",
                concentric_sources: int = 0, multi_start: bool = False,
-               start_hlr: float | None = None,
+               start_hlr: float | None = None, candidates=None,
                **fit_kwargs) -> FitResult:
     """Detections in, fitted galaxies and their errors out, for a whole batch (the high-level
     entry point).
@@ -200,6 +200,11 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             detection (the piece holds it) leaves. Needs one PSF for the batch.
         start_hlr: `init_galaxies`'s compact start (arcsec), also for the refits of
             ``add_sources`` and ``split_sources``; None: the moments' shapes.
+        candidates: None or ``(x, y, mask)`` [blend, k] arrays (pixels): positions that a
+            detector found too weak to start from, tried after the first fit and before any
+            other addition, one per round (round j: each blend's j-th candidate, in a free
+            slot), each kept when -log L drops by more than ``penalty`` (as an addition).
+            Candidates outside the stamp are not tried (a proposal, not a detection).
         **fit_kwargs: passed to `fit` (optimizer, max_steps, rtol, prior, ...).
 
     Returns:
@@ -404,6 +409,23 @@ def fit_blends(images, detections, psf_k, spec: RenderSpec, sky, *, max_sources=
             m2[r, slots] = a2[r, slots] = True
         return bool(attempt(redo, x2, y2, m2, a2, found[redo].sum(axis=1)).any())
 
+    if candidates is not None:
+        cx, cy, cm = (np.asarray(a) for a in candidates)
+        if not (cx.shape == cy.shape == cm.shape and cx.ndim == 2 and len(cx) == len(x)):
+            raise ValueError(f"candidates (x, y, mask) must be [blend, k] arrays with {len(x)} "
+                             f"blends, got shapes {cx.shape}, {cy.shape}, {cm.shape}.")
+        cm = cm.astype(bool) & np.isfinite(cx) & np.isfinite(cy) & (cx >= -0.5) & \
+            (cx <= s - 0.5) & (cy >= -0.5) & (cy <= s - 0.5)
+        for j in range(cx.shape[1]):
+            redo = np.flatnonzero(cm[:, j] & (~mask).any(axis=1))
+            if not len(redo):
+                continue
+            x2, y2, m2, a2 = x[redo].copy(), y[redo].copy(), mask[redo].copy(), \
+                added[redo].copy()
+            rows, new = np.arange(len(redo)), np.argmax(~m2, axis=1)  # first free slot
+            x2[rows, new], y2[rows, new] = cx[redo, j], cy[redo, j]
+            m2[rows, new] = a2[rows, new] = True
+            attempt(redo, x2, y2, m2, a2, np.ones(len(redo)))
     for _ in range(int(concentric_sources)):
         cand = split_candidates(galaxies, mask, images, psf_k, spec, sky_init,
                                 min_excess=float(split_min_excess))
