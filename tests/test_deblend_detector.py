@@ -179,11 +179,17 @@ def test_default_is_the_network_at_the_deblenders_threshold(tmp_path):
     assert fm.detection == "auto"
     assert fm.detector.threshold == NETWORK_DEBLEND_THRESHOLD != shipped.threshold
     assert fm.resolve_detection(list("ugrizy"), 0.2) == "network"
+    # the peaks between the detector's own threshold and the deblender's are candidates
+    assert fm.candidate_threshold == shipped.threshold
+    assert ForwardModelMeasure(candidate_threshold=None).candidate_threshold is None
     path = tmp_path / "own.npz"
     save_detector(str(path), shipped._replace(threshold=0.35))
     assert ForwardModelMeasure(detector=path).detector.threshold == 0.35
     assert ForwardModelMeasure(detector=path, detection_threshold=0.6).detector.threshold == 0.6
     assert ForwardModelMeasure(detection="coadd").detector is None
+    assert ForwardModelMeasure(detection="coadd").candidate_threshold is None
+    with pytest.raises(ValueError, match="candidate_threshold must be 'auto', None or a heat"):
+        ForwardModelMeasure(candidate_threshold="weak")
 
 
 def test_network_detection_refuses_other_bands():

@@ -88,7 +88,9 @@ again, kept by the same criterion.
 
 Where the fit starts (`ForwardModelMeasure`'s ``detection``): by default ("auto") the learned
 detector (`detector`: a dilated CNN trained with the simulation step, its heatmap's peaks at
-`NETWORK_DEBLEND_THRESHOLD`) on images of its bands and pixel scale (LSST's), and SEP on the
+`NETWORK_DEBLEND_THRESHOLD`; its weaker peaks, down to its own threshold, tried as
+``candidates`` of `fit_blends`, kept by the likelihood) on images of its bands and pixel scale
+(LSST's), and SEP on the
 SED-weighted multi-band coadd (`coadd_detections`, ``detection="coadd"``) elsewhere; "sep" is
 SEP's i band.
 
