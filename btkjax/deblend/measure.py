@@ -234,6 +234,16 @@ def join_concentric(gal: Galaxies, errors: Galaxies | None, mask, models, join_p
     return gal, errors, mask, models
 
 
+def _check_heat(name: str, value, detection: str, upper: float) -> None:
+    """Raises a ValueError naming ``name`` unless ``value`` is a heat in (0, ``upper``) and the
+    detection is the network's (``detection`` "network" or "auto")."""
+    if detection not in ("network", "auto"):
+        raise ValueError(f"{name} is the network's; detection is {detection!r}.")
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not (
+            0 < value < upper):
+        raise ValueError(f"{name} must be None or a heat in (0, {upper:g}), got {value!r}.")
+
+
 class ForwardModelMeasure:
     """A BTK measure function that fits each batch once and serves every blend from a cache.
 
@@ -397,14 +407,7 @@ class ForwardModelMeasure:
             detector = load_detector(None if detector is None else os.fspath(detector))
         own = detector.threshold if isinstance(detector, Detector) else None
         if detection_threshold is not None:
-            if detection not in ("network", "auto"):
-                raise ValueError(f"detection_threshold is the network's; detection is "
-                                 f"{detection!r}.")
-            if isinstance(detection_threshold, bool) or not isinstance(
-                    detection_threshold, int | float | np.floating) or not (
-                    0 < detection_threshold < 1):
-                raise ValueError(f"detection_threshold must be None or a heat in (0, 1), got "
-                                 f"{detection_threshold!r}.")
+            _check_heat("detection_threshold", detection_threshold, detection, 1.0)
             detector = detector._replace(threshold=float(detection_threshold))
         self.detector = detector
         if isinstance(candidate_threshold, str):
@@ -413,16 +416,9 @@ class ForwardModelMeasure:
                                  f"{candidate_threshold!r}.")
             # the detector's own threshold (its best F1), where the fit starts above it
             candidate_threshold = own if own is not None and own < detector.threshold else None
-        if candidate_threshold is not None:
-            if detection not in ("network", "auto"):
-                raise ValueError(f"candidate_threshold is the network's; detection is "
-                                 f"{detection!r}.")
-            if isinstance(candidate_threshold, bool) or not isinstance(
-                    candidate_threshold, int | float | np.floating) or not (
-                    0 < candidate_threshold < detector.threshold):
-                raise ValueError(f"candidate_threshold must be None or a heat in (0, "
-                                 f"{detector.threshold}) (below the detection threshold), got "
-                                 f"{candidate_threshold!r}.")
+        if candidate_threshold is not None:  # below the detection threshold
+            _check_heat("candidate_threshold", candidate_threshold, detection,
+                        detector.threshold if detector is not None else 1.0)
         self.candidate_threshold = candidate_threshold
         if not (prior is None or isinstance(prior, Prior) or
                 (isinstance(prior, str) and prior in ("auto", "catalog"))):
