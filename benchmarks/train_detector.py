@@ -25,6 +25,7 @@ benchmarks/results/train_detector.json (losses, scores, time after compilation).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -47,6 +48,7 @@ from btkjax.deblend.detector import (  # noqa: E402
     detect,
     focal_loss,
     init_weights,
+    load_detector,
     logits,
     normalize,
     save_detector,
@@ -62,6 +64,7 @@ MATCH_PX = 3.0  # a detection within 3 pixels (0.6" on LSST) of a true centre fi
 TARGET_SIGMA = 1.0  # pixels: CenterNet's Gaussian at each centre
 STAMP = 12.0
 FWHM_SCALE = (0.85, 1.2)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_detector.json")
 SKY_SCALE = (0.9, 1.1)
 
 
@@ -97,9 +100,14 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--n-cal", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="the weights' initialization key")
+    ap.add_argument("--symmetrize", action="store_true",
+                    help="the detector's heatmap is the mean over the image's 8 rotations and "
+                         "reflections (Detector.symmetrize): its threshold is chosen for it")
+    ap.add_argument("--calibrate", default=None, metavar="DETECTOR",
+                    help="no training: the weights of this detector file (with their training "
+                         "provenance), calibrated again (with --symmetrize or without)")
     ap.add_argument("--out", default=DETECTOR_FILE)
-    ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "train_detector.json"))
+    ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args(argv)
     step, keys, survey = make_training_step(args.batch)
     bands = tuple(step.bands)
@@ -121,22 +129,37 @@ def main(argv=None):
         updates, opt_state = opt.update(grads, opt_state, weights)
         return optax.apply_updates(weights, updates), opt_state, loss
 
-    weights = init_weights(jax.random.key(args.seed), len(bands))
-    opt_state = opt.init(weights)
-    t0 = time.perf_counter()
-    weights, opt_state, loss = train_step(weights, opt_state, 0)
-    loss.block_until_ready()
-    compile_s = time.perf_counter() - t0
-    losses = [float(loss)]
-    t0 = time.perf_counter()
-    for i in range(1, args.steps):
-        weights, opt_state, loss = train_step(weights, opt_state, i)
-        if i % 100 == 0 or i == args.steps - 1:
-            losses.append(float(loss))
-            print(f"step {i}: loss {losses[-1]:.3f}, {(i) / (time.perf_counter() - t0):.2f} "
-                  f"steps/s", flush=True)
-    jax.block_until_ready(weights)
-    train_s = time.perf_counter() - t0
+    if args.calibrate:
+        old = load_detector(args.calibrate)
+        if tuple(old.bands) != bands or not np.isclose(old.pixel_scale, pixel_scale):
+            raise SystemExit(f"--calibrate {args.calibrate!r}: a detector of bands "
+                             f"{old.bands} at {old.pixel_scale}\"/px, not LSST's {bands} at "
+                             f"{pixel_scale}\"/px.")
+        weights, trained = old.weights, old.info
+        with open(RESULTS) as fh:  # the training run's (its losses and times)
+            previous = json.load(fh)
+        losses = previous.get("losses_every_100", [])
+        compile_s, train_s = previous.get("compile_s"), previous.get("train_s")
+        steps_per_s = previous.get("steps_per_s")
+    else:
+        weights = init_weights(jax.random.key(args.seed), len(bands))
+        opt_state = opt.init(weights)
+        t0 = time.perf_counter()
+        weights, opt_state, loss = train_step(weights, opt_state, 0)
+        loss.block_until_ready()
+        compile_s = time.perf_counter() - t0
+        losses = [float(loss)]
+        t0 = time.perf_counter()
+        for i in range(1, args.steps):
+            weights, opt_state, loss = train_step(weights, opt_state, i)
+            if i % 100 == 0 or i == args.steps - 1:
+                losses.append(float(loss))
+                print(f"step {i}: loss {losses[-1]:.3f}, "
+                      f"{(i) / (time.perf_counter() - t0):.2f} steps/s", flush=True)
+        jax.block_until_ready(weights)
+        train_s = time.perf_counter() - t0
+        steps_per_s = (args.steps - 1) / train_s
+        trained = None
 
     # calibration blends (never trained on): the heat threshold of the best F1
     draw_cal = jax.jit(lambda ids: step(keys, ids))
@@ -150,7 +173,8 @@ def main(argv=None):
         ty += [np.asarray(out.truth.y)[b][m[b]] for b in range(len(m))]
     images, sky = np.concatenate(images), np.concatenate(sky)
     thresholds = np.round(np.arange(0.05, 0.951, 0.05), 2)
-    det = Detector(tuple(weights), DILATIONS, bands, pixel_scale, 0.5, {})
+    det = Detector(tuple(weights), DILATIONS, bands, pixel_scale, 0.5, {},
+                   symmetrize=args.symmetrize)
     x, y, score, mask = detect(det, images, sky, max_peaks=16, threshold=0.0)
     scores = {}
     for t in thresholds:
@@ -164,7 +188,8 @@ def main(argv=None):
         sep_counts.append(match_counts(np.asarray(cat["x_peak"]), np.asarray(cat["y_peak"]),
                                        tx[b], ty[b]))
     sep = f1(sep_counts)
-    info = {
+    info = dict(trained, calibrated_by="benchmarks/train_detector.py --calibrate") if trained \
+        else {
         "trained_by": "benchmarks/train_detector.py", "survey": "LSST",
         "catalog": "CatsimCatalog.default()", "sampling": {
             "DefaultSampling": {"max_number": 5, "min_number": 1, "stamp_size": STAMP,
@@ -173,17 +198,17 @@ def main(argv=None):
         "sky_scale": SKY_SCALE, "target_sigma_px": TARGET_SIGMA, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "init_seed": args.seed,
         "train_ids": [0, args.steps * args.batch - 1],
-        "cal_ids": [CAL_START, CAL_START + len(tx) - 1], "match_px": MATCH_PX,
-        "loss_first": losses[0], "loss_last": losses[-1],
-        "cal_network": scores[best], "cal_coadd_sep": sep,
-    }
+        "loss_first": losses[0], "loss_last": losses[-1]}
+    info.update({"cal_ids": [CAL_START, CAL_START + len(tx) - 1], "match_px": MATCH_PX,
+                 "symmetrize": args.symmetrize, "cal_network": scores[best],
+                 "cal_coadd_sep": sep})
     det = det._replace(threshold=float(best), info=info)
     save_detector(args.out, det)
     print(f"threshold {best}: {scores[best]}; coadd SEP: {sep}")
     write_json(args.results, {"machine": machine(), "info": info, "losses_every_100": losses,
                               "compile_s": compile_s, "train_s": train_s,
-                              "steps_per_s": (args.steps - 1) / train_s,
-                              "blends_per_s": (args.steps - 1) * args.batch / train_s,
+                              "steps_per_s": steps_per_s,
+                              "blends_per_s": steps_per_s and steps_per_s * args.batch,
                               "cal_by_threshold": scores})
 
 

@@ -27,7 +27,7 @@ from btkjax.deblend import (
     save_detector,
     target,
 )
-from btkjax.deblend.detector import DILATIONS, init_weights, logits, normalize
+from btkjax.deblend.detector import DILATIONS, heatmap, init_weights, logits, normalize
 from btkjax.tolerances import F32_SAME_RTOL, F64_SAME_RTOL
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -114,9 +114,42 @@ def test_focal_loss_by_hand():
                                rtol=F32_SAME_RTOL)
 
 
+def test_symmetrized_heatmap_is_the_mean_of_the_eight_views():
+    # an asymmetric scene: the network's plain heatmap is not equivariant, the mean over the
+    # 8 rotations and reflections is
+    det = load_detector()
+    rng = np.random.default_rng(3)
+    sky = np.full(6, 400.0)
+    img = rng.normal(0, 20, (1, 6, 20, 20))
+    img[0, :, 6, 12] += 3000
+    img[0, :, 13, 5:8] += 1500
+    img = jnp.asarray(img, jnp.float32)
+    h = lambda a, sym=False: np.asarray(heatmap(det.weights, DILATIONS, a, sky, sym))  # noqa
+    want = np.mean([np.rot90((h(np.rot90(img, k, axes=(-2, -1))[..., ::-1] if f else
+                                np.rot90(img, k, axes=(-2, -1))))[..., ::-1] if f else
+                               h(np.rot90(img, k, axes=(-2, -1))), -k, axes=(-2, -1))
+                    for k in range(4) for f in (False, True)], axis=0)
+    sym = h(img, True)
+    np.testing.assert_allclose(sym, want, rtol=F32_SAME_RTOL, atol=1e-6)
+    # equivariant: the symmetrized heat of the turned image is the turned heat
+    turned = h(jnp.rot90(img, 1, axes=(-2, -1)), True)
+    np.testing.assert_allclose(turned, np.rot90(sym, 1, axes=(-2, -1)), atol=1e-6)
+    plain = h(img)
+    assert np.max(np.abs(h(jnp.rot90(img, 1, axes=(-2, -1))) -
+                         np.rot90(plain, 1, axes=(-2, -1)))) > 1e-3  # which the plain one is not
+    # detect() follows the detector's flag
+    x, y, score, mask = detect(det._replace(symmetrize=True), np.asarray(img), sky,
+                               threshold=0.0)
+    px, py = np.round(x[0][mask[0]]).astype(int), np.round(y[0][mask[0]]).astype(int)
+    np.testing.assert_allclose(score[0][mask[0]], sym[0, py, px], rtol=F32_SAME_RTOL)
+    with pytest.raises(ValueError, match="symmetrize needs square images, got 20 x 18"):
+        heatmap(det.weights, DILATIONS, img[..., :18], sky, True)
+
+
 def test_save_and_load_round_trip(tmp_path):
     w = init_weights(jax.random.key(0), n_bands=6)
-    det = Detector(w, DILATIONS, tuple("ugrizy"), 0.2, 0.35, {"steps": 1, "note": "x"})
+    det = Detector(w, DILATIONS, tuple("ugrizy"), 0.2, 0.35, {"steps": 1, "note": "x"},
+                   symmetrize=True)
     path = tmp_path / "d.npz"
     save_detector(str(path), det)
     assert os.listdir(tmp_path) == ["d.npz"]  # no temporary file left

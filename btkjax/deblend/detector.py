@@ -54,6 +54,9 @@ class Detector(NamedTuple):
         threshold: heatmap level of a detection (chosen on calibration blends).
         info: provenance (survey, catalog, sampling, seeds, steps, losses, scores): a dict of
             JSON values.
+        symmetrize: the heatmap is the mean of the network's over the 8 rotations and
+            reflections of the image (`heatmap`'s ``symmetrize``); ``threshold`` is then that
+            mean's.
     """
 
     weights: tuple
@@ -62,6 +65,7 @@ class Detector(NamedTuple):
     pixel_scale: float
     threshold: float
     info: dict
+    symmetrize: bool = False
 
 
 def init_weights(key, n_bands: int, channels: int = CHANNELS, dilations=DILATIONS):
@@ -106,9 +110,36 @@ def logits(weights, dilations, x):
     return _conv(x, w, b, 1)[:, 0]
 
 
-def heatmap(weights, dilations, images, sky):
-    """The heatmap in (0, 1) [blend, y, x] of images [blend, band, y, x] with sky [band]."""
-    return jax.nn.sigmoid(logits(weights, dilations, normalize(images, sky)))
+def _dihedral(a, k: int, flip: bool):
+    """``a`` [..., y, x] rotated by ``k`` quarter turns, then mirrored in x if ``flip``."""
+    a = jnp.rot90(a, k, axes=(-2, -1))
+    return a[..., ::-1] if flip else a
+
+
+def _undo_dihedral(a, k: int, flip: bool):
+    """The inverse of `_dihedral`."""
+    return jnp.rot90(a[..., ::-1] if flip else a, -k, axes=(-2, -1))
+
+
+def heatmap(weights, dilations, images, sky, symmetrize: bool = False):
+    """The heatmap in (0, 1) [blend, y, x] of images [blend, band, y, x] with sky [band].
+
+    ``symmetrize``: the mean of the heatmaps of the 8 rotations by quarter turns and
+    reflections of the images, each turned back (test-time augmentation). Blends have no
+    preferred orientation, but a network trained on a finite sample is not exactly equivariant;
+    the mean keeps what the 8 views agree on. Square images only (the transforms map the pixel
+    grid onto itself, so the mean is exact on it)."""
+    x = normalize(images, sky)
+    if not symmetrize:
+        return jax.nn.sigmoid(logits(weights, dilations, x))
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"symmetrize needs square images, got {x.shape[-2]} x {x.shape[-1]}.")
+    views = [(k, f) for k in range(4) for f in (False, True)]
+    n = x.shape[0]
+    heat = jax.nn.sigmoid(logits(weights, dilations, jnp.concatenate(
+        [_dihedral(x, k, f) for k, f in views])))  # the 8 views in one call
+    return sum(_undo_dihedral(heat[j * n:(j + 1) * n], k, f)
+               for j, (k, f) in enumerate(views)) / len(views)
 
 
 def target(x, y, mask, size: int, sigma: float):
@@ -177,9 +208,10 @@ def heatmap_peaks(heat, threshold, max_peaks: int):
             mask)
 
 
-@partial(jax.jit, static_argnames=("dilations", "max_peaks"))
-def _detect_jit(weights, images, sky, threshold, *, dilations, max_peaks):
-    return heatmap_peaks(heatmap(weights, dilations, images, sky), threshold, max_peaks)
+@partial(jax.jit, static_argnames=("dilations", "max_peaks", "symmetrize"))
+def _detect_jit(weights, images, sky, threshold, *, dilations, max_peaks, symmetrize):
+    return heatmap_peaks(heatmap(weights, dilations, images, sky, symmetrize), threshold,
+                         max_peaks)
 
 
 def check_detector_inputs(detector: Detector, bands, pixel_scale: float):
@@ -193,7 +225,8 @@ def check_detector_inputs(detector: Detector, bands, pixel_scale: float):
 
 
 def detect(detector: Detector, images, sky, max_peaks: int = 16, threshold=None):
-    """Detections of a batch: `heatmap_peaks` of the detector's `heatmap`.
+    """Detections of a batch: `heatmap_peaks` of the detector's `heatmap` (symmetrized when
+    the detector says so).
 
     Args:
         detector: a `Detector`.
@@ -217,7 +250,7 @@ def detect(detector: Detector, images, sky, max_peaks: int = 16, threshold=None)
     thr = detector.threshold if threshold is None else float(threshold)
     out = _detect_jit(detector.weights, jnp.asarray(images, jnp.float32), jnp.asarray(sky),
                       jnp.float32(thr), dilations=tuple(int(d) for d in detector.dilations),
-                      max_peaks=int(max_peaks))
+                      max_peaks=int(max_peaks), symmetrize=bool(detector.symmetrize))
     return tuple(np.asarray(a) for a in out)
 
 
@@ -230,7 +263,8 @@ def save_detector(path: str, detector: Detector) -> None:
         arrays[f"b{i}"] = np.asarray(b, np.float32)
     meta = {"dilations": [int(d) for d in detector.dilations], "bands": list(detector.bands),
             "pixel_scale": float(detector.pixel_scale), "threshold": float(detector.threshold),
-            "n_layers": len(detector.weights), "info": detector.info}
+            "n_layers": len(detector.weights), "info": detector.info,
+            "symmetrize": bool(detector.symmetrize)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     with atomic_file(path, "wb") as fh:
         np.savez(fh, **arrays)
@@ -247,4 +281,5 @@ def load_detector(path: str | None = None) -> Detector:
         weights = tuple((jnp.asarray(f[f"w{i}"]), jnp.asarray(f[f"b{i}"]))
                         for i in range(meta["n_layers"]))
     return Detector(weights, tuple(meta["dilations"]), tuple(meta["bands"]),
-                    float(meta["pixel_scale"]), float(meta["threshold"]), meta["info"])
+                    float(meta["pixel_scale"]), float(meta["threshold"]), meta["info"],
+                    bool(meta.get("symmetrize", False)))
