@@ -73,11 +73,13 @@ from btkjax.measure import sep_singleband_measure  # noqa: E402
 # (200 blends: the first 100 are the old set); "tune2", 200 more, added on 2026-12-02 (session 6)
 # to choose between the ring search and none; "report2", a second reporting set (session 9),
 # drawn after session 9's default was chosen and reported on "report", to see whether the
-# reporting set's margins hold on other blends (never used for tuning either)
+# reporting set's margins hold on other blends (never used for tuning either); "report3", a
+# third (session 10), drawn after session 10's default was chosen on the tuning sets
 SEEDS = {"tune": [(11, 12), (13, 14), (15, 16), (17, 18)],
          "tune2": [(23, 24), (25, 26), (27, 28), (29, 30)],
          "report": [(101, 102), (103, 104), (105, 106), (107, 108)],
-         "report2": [(201, 202), (203, 204), (205, 206), (207, 208)]}
+         "report2": [(201, 202), (203, 204), (205, 206), (207, 208)],
+         "report3": [(301, 302), (303, 304), (305, 306), (307, 308)]}
 MATCH_PX = 5.0
 BINS = (("< 0.1", -np.inf, 0.1), ("0.1 - 0.5", 0.1, 0.5), ("> 0.5", 0.5, np.inf),
         ("all", -np.inf, np.inf))

@@ -216,7 +216,7 @@ def test_tuning_and_reporting_seeds_are_disjoint():
     the project's other benchmarks' (sampler 1, draw 2), so no reporting blend was tuned on."""
     sets = {name: {s for pair in pairs for s in pair}
             for name, pairs in bench_deblend.SEEDS.items()}
-    assert {"tune", "tune2", "report", "report2"} <= set(sets)
+    assert {"tune", "tune2", "report", "report2", "report3"} <= set(sets)
     names = sorted(sets)
     for i, a in enumerate(names):
         assert not sets[a] & {1, 2}, a

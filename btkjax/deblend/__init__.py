@@ -16,6 +16,9 @@ the Poisson deviance of the counts ``d + sky`` given the rate ``m + sky``,
 i.e. the chi-square with **variance = sky + model**, in its exact Poisson form. Unlike the
 Gaussian chi-square with a model-dependent variance it is unbiased (its score has mean zero at
 the truth) AND its minimum on a noiseless image is the truth (zero deviance at m = d).
+It is evaluated as ``(d + sky) (u - log1p u)`` with ``u = (m - d) / (d + sky)``, which float32
+resolves (the form above subtracts two ~1e6 numbers in a bright galaxy's pixels; see
+`btkjax.deblend.model.nll_terms`).
 ``noise="chi2"`` selects the chi-square with variance = sky + data (fixed weights) instead.
 ``chi2`` in the results is Pearson's sum((d - m)^2 / (sky + m)).
 
@@ -44,7 +47,8 @@ searches; vmapped, every blend steps until the slowest has converged and every l
 runs as long as the longest (2 CPU cores, 20 LSST blends on 24" stamps, float32: 3.7 s one
 blend per call, 20.2 s vmapped). Each
 blend stops when its loss changes by less than ``rtol |loss| + atol`` for ``patience`` steps in
-a row (or at ``max_steps``), and reports a status (`STATUS_*` bit flags): converged, hit the
+a row (``rtol`` 1e-7 in float64, `btkjax.deblend.fit.FIT_RTOL_F32` = 2e-7 in float32; or at
+``max_steps``), and reports a status (`STATUS_*` bit flags): converged, hit the
 step limit, had no detection, dropped a detection outside the stamp, had more detections than
 slots, diverged (a non-finite loss or gradient: that blend keeps its last finite parameters,
 the others go on), had a Hessian that is not positive definite (NaN errors), or got galaxies
