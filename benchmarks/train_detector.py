@@ -25,7 +25,6 @@ benchmarks/results/train_detector.json (losses, scores, time after compilation).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -64,8 +63,8 @@ MATCH_PX = 3.0  # a detection within 3 pixels (0.6" on LSST) of a true centre fi
 TARGET_SIGMA = 1.0  # pixels: CenterNet's Gaussian at each centre
 STAMP = 12.0
 FWHM_SCALE = (0.85, 1.2)
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_detector.json")
 SKY_SCALE = (0.9, 1.1)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def make_training_step(batch: int):
@@ -107,7 +106,9 @@ def main(argv=None):
                     help="no training: the weights of this detector file (with their training "
                          "provenance), calibrated again (with --symmetrize or without)")
     ap.add_argument("--out", default=DETECTOR_FILE)
-    ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--results", default=None,
+                    help="default benchmarks/results/train_detector.json, or "
+                         "train_detector_calibrated.json with --calibrate")
     args = ap.parse_args(argv)
     step, keys, survey = make_training_step(args.batch)
     bands = tuple(step.bands)
@@ -135,12 +136,9 @@ def main(argv=None):
             raise SystemExit(f"--calibrate {args.calibrate!r}: a detector of bands "
                              f"{old.bands} at {old.pixel_scale}\"/px, not LSST's {bands} at "
                              f"{pixel_scale}\"/px.")
+        # the training's own losses and provenance stay in the detector's info
         weights, trained = old.weights, old.info
-        with open(RESULTS) as fh:  # the training run's (its losses and times)
-            previous = json.load(fh)
-        losses = previous.get("losses_every_100", [])
-        compile_s, train_s = previous.get("compile_s"), previous.get("train_s")
-        steps_per_s = previous.get("steps_per_s")
+        losses, compile_s, train_s, steps_per_s = [], None, None, None
     else:
         weights = init_weights(jax.random.key(args.seed), len(bands))
         opt_state = opt.init(weights)
@@ -205,7 +203,9 @@ def main(argv=None):
     det = det._replace(threshold=float(best), info=info)
     save_detector(args.out, det)
     print(f"threshold {best}: {scores[best]}; coadd SEP: {sep}")
-    write_json(args.results, {"machine": machine(), "info": info, "losses_every_100": losses,
+    results = args.results or os.path.join(
+        RESULTS, "train_detector_calibrated.json" if args.calibrate else "train_detector.json")
+    write_json(results, {"machine": machine(), "info": info, "losses_every_100": losses,
                               "compile_s": compile_s, "train_s": train_s,
                               "steps_per_s": steps_per_s,
                               "blends_per_s": steps_per_s and steps_per_s * args.batch,

@@ -30,7 +30,7 @@ from btkjax.deblend.model import (
 )
 
 __all__ = ["FitOutput", "fit", "fit_unrolled", "batch_inputs", "to_unconstrained_batch",
-           "to_physical_batch"]
+           "to_physical_batch", "FIT_RTOL_F32"]
 
 
 class FitOutput(NamedTuple):
